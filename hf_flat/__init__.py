@@ -1,0 +1,18 @@
+"""hf-flat: flat-minima optimization (SAM, ASAM, ...) for the Hugging Face Trainer."""
+
+from .args import FlatTrainingArguments, accepted_flat_methods, parse_flat_method
+from .trainer import FlatTrainer
+
+#: So that `from hf_flat import TrainingArguments` works as a drop-in in user scripts.
+TrainingArguments = FlatTrainingArguments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlatTrainer",
+    "FlatTrainingArguments",
+    "TrainingArguments",
+    "accepted_flat_methods",
+    "parse_flat_method",
+    "__version__",
+]

@@ -1,0 +1,107 @@
+"""`FlatTrainingArguments`: the Trainer's arguments plus the flat-minima ones.
+
+`flat_method` is parsed once, here, into a perturbation method (how each micro-batch's gradient
+is taken) and an averaging method (what is done with the weights along the trajectory).
+Every bad value raises a `ValueError` at construction that names the argument, the value, and
+what is allowed.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+#: Perturbation methods implemented so far (`hf_flat.methods.PERTURBATIONS` builds them).
+PERTURBATION_METHODS = ("sam", "asam")
+#: Averaging methods implemented so far.
+AVERAGING_METHODS = ()
+#: Names the papers use for combinations.
+ALIASES = {"wasam": "sam+swa"}
+#: Optimizers that update the weights inside `backward()`: a two-pass step cannot run with them.
+_STEP_IN_BACKWARD_OPTIMIZERS = ("lomo", "adalomo")
+
+
+def accepted_flat_methods() -> list[str]:
+    """Every value `flat_method` accepts, in the order the README lists them."""
+    names = ["none", *PERTURBATION_METHODS, *AVERAGING_METHODS]
+    names += [f"{p}+{a}" for p in PERTURBATION_METHODS for a in AVERAGING_METHODS]
+    names += [alias for alias, target in ALIASES.items() if target in names]
+    return names
+
+
+def parse_flat_method(value: str) -> tuple[str | None, str | None]:
+    """Split `flat_method` into `(perturbation, averaging)`, each `None` when absent.
+
+    >>> parse_flat_method("sam")
+    ('sam', None)
+    """
+    name = str(value).strip().lower()
+    name = ALIASES.get(name, name)
+    if name in accepted_flat_methods():
+        if name == "none":
+            return None, None
+        parts = name.split("+")
+        perturbation = parts[0] if parts[0] in PERTURBATION_METHODS else None
+        averaging = parts[-1] if parts[-1] in AVERAGING_METHODS else None
+        return perturbation, averaging
+    raise ValueError(
+        f"flat_method={value!r} is not supported. Accepted values: {', '.join(accepted_flat_methods())}."
+    )
+
+
+@dataclass
+class FlatTrainingArguments(TrainingArguments):
+    """`transformers.TrainingArguments` with the arguments of the flat-minima methods.
+
+    Example:
+        >>> args = FlatTrainingArguments("out", flat_method="asam", sam_rho=0.5)
+    """
+
+    flat_method: str = field(
+        default="none",
+        metadata={
+            "help": "Flat-minima method: 'none' (the plain Trainer), 'sam' (Foret et al.) or 'asam' "
+            "(Kwon et al.). Accepted: " + ", ".join(accepted_flat_methods()) + "."
+        },
+    )
+    sam_rho: float = field(
+        default=0.05,
+        metadata={"help": "Radius rho of the SAM / ASAM perturbation (> 0). ASAM's authors use 0.5-1.0."},
+    )
+    asam_eta: float = field(
+        default=0.01,
+        metadata={"help": "ASAM's eta (>= 0): the scale of a weight is |w| + eta."},
+    )
+
+    def __post_init__(self):
+        self.flat_perturbation, self.flat_averaging = parse_flat_method(self.flat_method)
+        if not (isinstance(self.sam_rho, (int, float)) and math.isfinite(self.sam_rho) and self.sam_rho > 0):
+            raise ValueError(f"sam_rho={self.sam_rho!r} is not allowed: it must be a finite number > 0.")
+        if not (isinstance(self.asam_eta, (int, float)) and math.isfinite(self.asam_eta) and self.asam_eta >= 0):
+            raise ValueError(f"asam_eta={self.asam_eta!r} is not allowed: it must be a finite number >= 0.")
+        if self.flat_perturbation is not None:
+            self._refuse_unsupported_two_pass_setups()
+        super().__post_init__()
+
+    def _refuse_unsupported_two_pass_setups(self):
+        method = self.flat_method
+        if self.deepspeed:
+            raise ValueError(
+                f"flat_method={method!r} takes two forward/backward passes per micro-batch, which DeepSpeed "
+                "cannot run: its backward() already steps the optimizer and ZeRO-3 keeps no full weights to "
+                "perturb. Drop deepspeed= and train with DDP (`accelerate launch` / `torchrun`), using "
+                "PEFT/LoRA if the model is too large, or use flat_method='none'."
+            )
+        if self.fsdp:
+            raise ValueError(
+                f"flat_method={method!r} is not supported with fsdp={self.fsdp!r}: the perturbation needs the "
+                "norm of the gradient over all shards. Train with DDP (`accelerate launch` / `torchrun`), "
+                "using PEFT/LoRA if the model is too large."
+            )
+        optim = str(getattr(self.optim, "value", self.optim))
+        if optim in _STEP_IN_BACKWARD_OPTIMIZERS or "layerwise" in optim:
+            raise ValueError(
+                f"optim={optim!r} updates the weights inside backward(), so flat_method={method!r} would "
+                "step at the perturbed weights. Use an optimizer that steps once per optimizer step, such "
+                "as optim='adamw_torch' or 'sgd'."
+            )

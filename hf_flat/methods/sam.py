@@ -1,0 +1,71 @@
+"""SAM and ASAM: the perturbation ``e`` of one micro-batch.
+
+SAM (Foret et al., 2021, eq. 2; seed 000 Algorithm 1 line 5):
+
+    e = rho * g / ||g||_2
+
+ASAM (Kwon et al., 2021, eq. 11 with T_w = |w| + eta, as in the official SamsungLabs code):
+
+    e = rho * T^2 g / ||T g||_2,   T = |w| + eta for parameters whose name contains "weight",
+                                   T = 1 for the others (biases, ...)
+
+The norms run over all perturbed parameters together. Both functions compute ``e`` in place in
+the gradient tensors (no extra memory) and return `None` when the norm is not finite, so a
+GradScaler overflow never turns into NaN weights. Because ``e`` is scale-invariant in ``g``,
+gradients still multiplied by an fp16 loss scale give the same ``e``.
+"""
+
+import math
+
+import torch
+
+from .two_pass import TwoPassMethod, global_norm
+
+#: Added to the norm, as in the reference implementations, so a zero gradient gives e = 0.
+EPS = 1e-12
+
+
+def sam_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor] | None:
+    """e = rho * g / ||g||, in place in `grads`."""
+    norm = global_norm(grads).item()
+    if not math.isfinite(norm):
+        return None
+    torch._foreach_mul_(grads, rho / (norm + EPS))
+    return grads
+
+
+def asam_perturbation(
+    names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, eta: float
+) -> list[torch.Tensor] | None:
+    """e = rho * T^2 g / ||T g|| with T = |w| + eta on parameters named '*weight*', in place in `grads`."""
+    scaled = [(p, g) for name, p, g in zip(names, params, grads) if "weight" in name]
+    for p, g in scaled:  # g <- T g
+        g.mul_(p.detach().abs().add_(eta))
+    norm = global_norm(grads).item()  # ||T g||
+    if not math.isfinite(norm):
+        return None
+    for p, g in scaled:  # g <- T^2 g
+        g.mul_(p.detach().abs().add_(eta))
+    torch._foreach_mul_(grads, rho / (norm + EPS))
+    return grads
+
+
+class SAM(TwoPassMethod):
+    """Sharpness-Aware Minimization (m-SAM, one perturbation per micro-batch and process)."""
+
+    def __init__(self, rho: float = 0.05):
+        self.rho = rho
+
+    def perturbation(self, names, params, grads):
+        return sam_perturbation(grads, self.rho)
+
+
+class ASAM(TwoPassMethod):
+    """Adaptive SAM: the radius scales with each weight's magnitude."""
+
+    def __init__(self, rho: float = 0.5, eta: float = 0.01):
+        self.rho = rho
+        self.eta = eta
+
+    def perturbation(self, names, params, grads):
+        return asam_perturbation(names, params, grads, self.rho, self.eta)

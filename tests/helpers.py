@@ -1,0 +1,164 @@
+"""Tiny models, data and hand-written references shared by the tests (plain torch only)."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import default_data_collator
+
+D_IN, HIDDEN, N_CLASSES = 4, 6, 3
+
+
+class TinyNet(nn.Module):
+    """x -> Linear -> [BatchNorm] -> tanh -> Linear -> logits; returns the Trainer's dict."""
+
+    def __init__(self, batchnorm: bool = False, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(D_IN, HIDDEN)
+        self.bn = nn.BatchNorm1d(HIDDEN) if batchnorm else nn.Identity()
+        self.fc2 = nn.Linear(HIDDEN, N_CLASSES)
+
+    def forward(self, x, labels=None):
+        logits = self.fc2(torch.tanh(self.bn(self.fc1(x))))
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+class TinyData(torch.utils.data.Dataset):
+    def __init__(self, n: int = 16, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, D_IN, generator=g)
+        self.y = torch.randint(0, N_CLASSES, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class RecordingCollator:
+    """`default_data_collator` that keeps a copy of every batch it makes, in order."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, features):
+        batch = default_data_collator(features)
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+        return batch
+
+
+def sgd_args(output_dir, **overrides):
+    """Arguments under which the reference is a plain SGD step: constant lr, no weight decay."""
+    from hf_flat import TrainingArguments
+
+    values = dict(
+        output_dir=str(output_dir),
+        optim="sgd",
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def perturbation_by_hand(named_params, grads, method, rho, eta):
+    """e for SAM (rho g/||g||) or ASAM (rho T^2 g/||T g||, T=|w|+eta on '*weight*'), written out."""
+    if method == "sam":
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        return [rho * g / (norm + 1e-12) for g in grads]
+    ts = [(p.detach().abs() + eta) if "weight" in name else torch.ones_like(p) for (name, p) in named_params]
+    norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(ts, grads)))
+    return [rho * t * t * g / (norm + 1e-12) for t, g in zip(ts, grads)]
+
+
+def reference_two_pass(model, steps, method, rho=0.05, eta=0.01, lr=0.1, max_grad_norm=0.0, autocast=None):
+    """Train a copy of `model` by hand; `steps` is a list of optimizer steps, each a list of
+    micro-batches (or, for several processes, a list of per-rank lists of micro-batches).
+
+    Per micro-batch b of k: g = grad(L_b(w) / k); e from g; g2 = grad(L_b(w + e) / k).
+    Final gradient: sum over micro-batches, mean over ranks; optional clipping; SGD step.
+    """
+    model = copy.deepcopy(model).train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+
+    def loss_of(batch, k):
+        ctx = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
+        with ctx:
+            return model(**batch)["loss"].float() / k
+
+    for step in steps:
+        per_rank = step if isinstance(step[0], list) else [step]
+        total = [torch.zeros_like(p) for p in params]
+        for rank_batches in per_rank:
+            k = len(rank_batches)
+            for batch in rank_batches:
+                g = torch.autograd.grad(loss_of(batch, k), params, allow_unused=True)
+                g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
+                e = perturbation_by_hand(named, g, method, rho, eta) if method != "none" else None
+                w = [p.detach().clone() for p in params]
+                if e is not None:
+                    with torch.no_grad():
+                        for p, ei in zip(params, e):
+                            p.add_(ei)
+                    bn_state = _freeze_bn(model)
+                g2 = torch.autograd.grad(loss_of(batch, k), params, allow_unused=True) if e is not None else g
+                if e is not None:
+                    _unfreeze_bn(bn_state)
+                with torch.no_grad():
+                    for p, wi in zip(params, w):
+                        p.copy_(wi)
+                for t, gi in zip(total, g2):
+                    if gi is not None:
+                        t.add_(gi)
+        total = [t / len(per_rank) for t in total]
+        if max_grad_norm > 0:
+            norm = torch.sqrt(sum((t**2).sum() for t in total))
+            coef = min(1.0, max_grad_norm / (norm.item() + 1e-6))
+            total = [t * coef for t in total]
+        with torch.no_grad():
+            for p, t in zip(params, total):
+                p.sub_(lr * t)
+    return model
+
+
+def _freeze_bn(model):
+    saved = [(m, m.momentum) for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    state = []
+    for m, _ in saved:
+        state.append((m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
+    return state
+
+
+def _unfreeze_bn(state):
+    for m, mean, var, count in state:
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+        m.num_batches_tracked.copy_(count)
+
+
+def group_steps(batches, grad_accum, n_steps):
+    """The first `n_steps * grad_accum` recorded micro-batches, grouped by optimizer step."""
+    return [batches[i * grad_accum : (i + 1) * grad_accum] for i in range(n_steps)]
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k].float(), sb[k].float(), atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
