@@ -27,7 +27,7 @@ EPS = 1e-12
 
 def sam_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor] | None:
     """e = rho * g / ||g||, in place in `grads`."""
-    norm = global_norm(grads).item()
+    norm = global_norm(grads)
     if not math.isfinite(norm):
         return None
     torch._foreach_mul_(grads, rho / (norm + EPS))
@@ -41,7 +41,7 @@ def asam_perturbation(
     scaled = [(p, g) for name, p, g in zip(names, params, grads) if "weight" in name]
     for p, g in scaled:  # g <- T g
         g.mul_(p.detach().abs().add_(eta))
-    norm = global_norm(grads).item()  # ||T g||
+    norm = global_norm(grads)  # ||T g||
     if not math.isfinite(norm):
         return None
     for p, g in scaled:  # g <- T^2 g

@@ -19,6 +19,7 @@ GradScaler skips it on every process, exactly as it would have without the metho
 """
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -39,12 +40,25 @@ def frozen_batchnorm_statistics(model: nn.Module):
             layer.track_running_stats = True
 
 
-def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all `tensors` taken together, in float32, on the first tensor's device."""
+def global_norm(tensors: list[torch.Tensor]) -> float:
+    """The 2-norm of all `tensors` taken together (inf or nan if any element is).
+
+    Gradients still multiplied by a large fp16 loss scale can overflow the sum of squares while
+    every element is finite; the norm is then recomputed on the tensors divided by their largest
+    magnitude.
+    """
     if not tensors:
-        return torch.zeros(())
-    device = tensors[0].device
-    norms = torch._foreach_norm(tensors)
+        return 0.0
+    norm = _norm_of_norms(torch._foreach_norm(tensors), tensors[0].device).item()
+    if math.isinf(norm):
+        largest = max(n.item() for n in torch._foreach_norm(tensors, math.inf))
+        if math.isfinite(largest):
+            scaled = torch._foreach_div(tensors, largest)
+            norm = largest * _norm_of_norms(torch._foreach_norm(scaled), tensors[0].device).item()
+    return norm
+
+
+def _norm_of_norms(norms, device):
     return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
 
 

@@ -1,0 +1,88 @@
+"""FlatTrainingArguments: parsing, defaults and every bad input."""
+
+import math
+
+import pytest
+from transformers import HfArgumentParser
+
+from hf_flat import FlatTrainer, FlatTrainingArguments, TrainingArguments, accepted_flat_methods
+from helpers import TinyData, TinyNet
+
+
+def make(output_dir="out", **kw):
+    return TrainingArguments(output_dir, report_to="none", use_cpu=True, **kw)
+
+
+def test_defaults_and_alias():
+    args = make()
+    assert TrainingArguments is FlatTrainingArguments
+    assert (args.flat_method, args.sam_rho, args.asam_eta) == ("none", 0.05, 0.01)
+    assert (args.flat_perturbation, args.flat_averaging) == (None, None)
+    assert make(flat_method="ASAM").flat_perturbation == "asam"
+
+
+def test_hf_argument_parser_gives_the_flags():
+    parser = HfArgumentParser(FlatTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "out", "--flat_method", "asam", "--sam_rho", "0.5", "--asam_eta", "0", "--report_to", "none"]
+    )
+    assert (args.flat_method, args.sam_rho, args.asam_eta, args.flat_perturbation) == ("asam", 0.5, 0.0, "asam")
+
+
+@pytest.mark.parametrize("value", ["sgd", "", "sam+", "swa", "wasam", "sam+swa", "asam+ema", "saf", "mesa"])
+def test_unknown_or_unimplemented_flat_method(value):
+    with pytest.raises(ValueError) as err:
+        make(flat_method=value)
+    message = str(err.value)
+    assert f"flat_method={value!r}" in message
+    for name in accepted_flat_methods():
+        assert name in message
+    assert accepted_flat_methods() == ["none", "sam", "asam"]
+
+
+@pytest.mark.parametrize("rho", [0, -0.1, math.nan, math.inf, "0.1"])
+def test_bad_sam_rho(rho):
+    with pytest.raises(ValueError, match=r"sam_rho=.* must be a finite number > 0"):
+        make(flat_method="sam", sam_rho=rho)
+
+
+@pytest.mark.parametrize("eta", [-0.01, math.nan, math.inf])
+def test_bad_asam_eta(eta):
+    with pytest.raises(ValueError, match=r"asam_eta=.* must be a finite number >= 0"):
+        make(flat_method="asam", asam_eta=eta)
+
+
+def test_zero_eta_is_allowed():
+    assert make(flat_method="asam", asam_eta=0.0).asam_eta == 0.0
+
+
+def test_deepspeed_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"flat_method='sam'.*DeepSpeed.*DDP"):
+        make(flat_method="sam", deepspeed={"train_micro_batch_size_per_gpu": 1})
+
+
+def test_fsdp_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"flat_method='asam' is not supported with fsdp=.*DDP"):
+        make(flat_method="asam", fsdp="full_shard")
+
+
+@pytest.mark.parametrize("optim", ["lomo", "adalomo", "galore_adamw_layerwise"])
+def test_optimizers_that_step_inside_backward_are_refused(optim):
+    with pytest.raises(ValueError, match=rf"optim='{optim}' updates the weights inside backward"):
+        make(flat_method="sam", optim=optim)
+
+
+@pytest.mark.parametrize("flag, message", [("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "sharded")])
+def test_sharded_launch_is_refused_when_training_starts(tmp_path, flag, message):
+    """`accelerate launch --config_file ...` can turn DeepSpeed / FSDP on without any argument:
+    the trainer checks what its Accelerator actually runs before the first step."""
+    trainer = FlatTrainer(model=TinyNet(), args=make(flat_method="sam", output_dir=str(tmp_path)), train_dataset=TinyData())
+    setattr(trainer, flag, True)  # what accelerate's state says under such a launch config
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_non_flat_args_are_refused():
+    with pytest.raises(TypeError, match="FlatTrainingArguments"):
+        FlatTrainer(model=TinyNet(), args={"flat_method": "sam"})
