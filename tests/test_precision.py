@@ -121,22 +121,25 @@ def test_overflow_skips_the_perturbation_and_the_step(tmp_path):
     assert skipped >= 5 and taken >= 5, (skipped, taken)
 
 
-class FirstForwardOverflows(TinyNet):
-    """Only the very first forward pass (pass 1 of micro-batch 1) overflows, as dropout can make
-    one pass overflow and the other not."""
+class FirstPassOverflows(TinyNet):
+    """Only pass 1 of one micro-batch overflows (as dropout can make one pass overflow and not
+    the other): forward call 1 is pass 1 of micro-batch 1, call 3 pass 1 of micro-batch 2."""
 
     calls = 0
+    overflowing_call = 1
 
     def forward(self, x, labels=None):
         out = super().forward(x, labels)
         if self.training:
             self.calls += 1
-        return {**out, "loss": out["loss"] * 1e36} if self.calls == 1 else out
+        return {**out, "loss": out["loss"] * 1e36} if self.calls == self.overflowing_call else out
 
 
-def test_overflow_in_the_first_pass_alone_still_skips_the_step(tmp_path):
+@pytest.mark.parametrize("overflowing_call", [1, 3])
+def test_overflow_in_the_first_pass_alone_still_skips_the_step(tmp_path, overflowing_call):
     """Pass 2 is finite here; the non-finite pass-1 gradient must still reach the scaler."""
-    initial = FirstForwardOverflows()
+    initial = FirstPassOverflows()
+    initial.overflowing_call = overflowing_call
     trainer = scaler_trainer(tmp_path, copy.deepcopy(initial), 2.0**14, flat_method="asam", gradient_accumulation_steps=2)
     recorder = Recorder(trainer)
     trainer.add_callback(recorder)
