@@ -86,12 +86,16 @@ def perturbation_by_hand(named_params, grads, method, rho, eta):
     return [rho * t * t * g / (norm + 1e-12) for t, g in zip(ts, grads)]
 
 
-def reference_two_pass(model, steps, method, rho=0.05, eta=0.01, lr=0.1, max_grad_norm=0.0, autocast=None):
+def reference_two_pass(
+    model, steps, method, rho=0.05, eta=0.01, lr=0.1, max_grad_norm=0.0, autocast=None, perturbed_losses=None
+):
     """Train a copy of `model` by hand; `steps` is a list of optimizer steps, each a list of
     micro-batches (or, for several processes, a list of per-rank lists of micro-batches).
 
     Per micro-batch b of k: g = grad(L_b(w) / k); e from g; g2 = grad(L_b(w + e) / k).
     Final gradient: sum over micro-batches, mean over ranks; optional clipping; SGD step.
+    `perturbed_losses`, if a list, receives each step's sum over micro-batches of L_b(w + e) / k,
+    averaged over ranks (what the trainer logs as `perturbed_loss` with logging_steps=1).
     """
     model = copy.deepcopy(model).train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -105,6 +109,7 @@ def reference_two_pass(model, steps, method, rho=0.05, eta=0.01, lr=0.1, max_gra
     for step in steps:
         per_rank = step if isinstance(step[0], list) else [step]
         total = [torch.zeros_like(p) for p in params]
+        step_perturbed_loss = 0.0
         for rank_batches in per_rank:
             k = len(rank_batches)
             for batch in rank_batches:
@@ -117,9 +122,12 @@ def reference_two_pass(model, steps, method, rho=0.05, eta=0.01, lr=0.1, max_gra
                         for p, ei in zip(params, e):
                             p.add_(ei)
                     bn_state = _freeze_bn(model)
-                g2 = torch.autograd.grad(loss_of(batch, k), params, allow_unused=True) if e is not None else g
-                if e is not None:
+                    perturbed = loss_of(batch, k)
+                    step_perturbed_loss += perturbed.item() / len(per_rank)
+                    g2 = torch.autograd.grad(perturbed, params, allow_unused=True)
                     _unfreeze_bn(bn_state)
+                else:
+                    g2 = g
                 with torch.no_grad():
                     for p, wi in zip(params, w):
                         p.copy_(wi)
@@ -127,6 +135,8 @@ def reference_two_pass(model, steps, method, rho=0.05, eta=0.01, lr=0.1, max_gra
                     if gi is not None:
                         t.add_(gi)
         total = [t / len(per_rank) for t in total]
+        if perturbed_losses is not None:
+            perturbed_losses.append(step_perturbed_loss)
         if max_grad_norm > 0:
             norm = torch.sqrt(sum((t**2).sum() for t in total))
             coef = min(1.0, max_grad_norm / (norm.item() + 1e-6))
@@ -138,11 +148,9 @@ def reference_two_pass(model, steps, method, rho=0.05, eta=0.01, lr=0.1, max_gra
 
 
 def _freeze_bn(model):
-    saved = [(m, m.momentum) for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
-    state = []
-    for m, _ in saved:
-        state.append((m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
-    return state
+    """Remember the BatchNorm buffers, to put them back after pass 2."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    return [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
 
 
 def _unfreeze_bn(state):

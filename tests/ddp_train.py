@@ -1,0 +1,53 @@
+"""Run under `torchrun --nproc_per_node 2`: trains TinyNet with FlatTrainer on 2 CPU processes
+(gloo) and saves, per rank, the micro-batches it saw and the weights it ended with.
+
+Usage: torchrun --nproc_per_node 2 tests/ddp_train.py OUT_DIR METHOD:GRAD_ACCUM:MAX_GRAD_NORM ...
+"""
+
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import RecordingCollator, TinyData, TinyNet, sgd_args  # noqa: E402
+
+from hf_flat import FlatTrainer  # noqa: E402
+
+
+def main(out_dir, runs):
+    rank = int(os.environ["RANK"])
+    for run in runs:
+        method, grad_accum, clip = run.split(":")
+        initial = TinyNet()
+        collator = RecordingCollator()
+        trainer = FlatTrainer(
+            model=copy.deepcopy(initial),
+            args=sgd_args(
+                os.path.join(out_dir, run.replace(":", "_")),
+                flat_method=method,
+                sam_rho=0.5,
+                gradient_accumulation_steps=int(grad_accum),
+                max_grad_norm=float(clip),
+                ddp_backend="gloo",
+            ),
+            train_dataset=TinyData(n=32),
+            data_collator=collator,
+        )
+        trainer.train()
+        torch.save(
+            {
+                "initial": initial.state_dict(),
+                "final": trainer.model.state_dict(),
+                "batches": collator.batches,
+                "global_step": trainer.state.global_step,
+                "world_size": trainer.args.world_size,
+                "perturbed_loss": [h["perturbed_loss"] for h in trainer.state.log_history if "perturbed_loss" in h],
+            },
+            os.path.join(out_dir, f"{run.replace(':', '_')}.rank{rank}.pt"),
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
