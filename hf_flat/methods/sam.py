@@ -38,14 +38,15 @@ def asam_perturbation(
     names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, eta: float
 ) -> list[torch.Tensor] | None:
     """e = rho * T^2 g / ||T g|| with T = |w| + eta on parameters named '*weight*', in place in `grads`."""
-    scaled = [(p, g) for name, p, g in zip(names, params, grads) if "weight" in name]
-    for p, g in scaled:  # g <- T g
-        g.mul_(p.detach().abs().add_(eta))
+    weights = [p.detach() for name, p in zip(names, params) if "weight" in name]
+    weight_grads = [g for name, g in zip(names, grads) if "weight" in name]
+    t = torch._foreach_abs(weights)  # T, freed on return
+    torch._foreach_add_(t, eta)
+    torch._foreach_mul_(weight_grads, t)  # g <- T g
     norm = global_norm(grads)  # ||T g||
     if not math.isfinite(norm):
         return None
-    for p, g in scaled:  # g <- T^2 g
-        g.mul_(p.detach().abs().add_(eta))
+    torch._foreach_mul_(weight_grads, t)  # g <- T^2 g
     torch._foreach_mul_(grads, rho / (norm + EPS))
     return grads
 

@@ -1,0 +1,158 @@
+"""Step time and peak memory of the plain Trainer and of each flat method, in one run.
+
+Every method trains the same small RoBERTa classifier (built from a config, random tokens) in a
+fresh child process, so each peak-memory reading is its own. The table gives the median
+optimizer-step time, its ratio to the plain `transformers.Trainer` measured in the same run, and
+the memory each method needs beyond the plain Trainer, in MB and in copies of the trainable
+weights. On CUDA the memory is `torch.cuda.max_memory_allocated`; on CPU the peak resident set
+size (`ru_maxrss`) minus the resident size just before `train()`.
+
+    python benchmarks/step_time.py                 # CPU or the first GPU, default sizes
+    python benchmarks/step_time.py --steps 40 --hidden 768 --layers 6 --batch 32 --fp16
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+METHODS = ["plain", "none", "sam", "asam"]
+
+
+def parse():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=METHODS, help="'plain' is transformers.Trainer itself")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps timed (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--grad_accum", type=int, default=1)
+    parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_one(opts):
+    """Train with one method in this process and print a JSON line with the measurements."""
+    import torch
+    from transformers import RobertaConfig, RobertaForSequenceClassification, Trainer, TrainerCallback
+
+    from hf_flat import FlatTrainer, TrainingArguments
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.ends = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self, n):
+            g = torch.Generator().manual_seed(0)
+            self.ids = torch.randint(5, opts.vocab, (n, opts.seq), generator=g)
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": int(self.ids[i, 0] % 2)}
+
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=opts.vocab, hidden_size=opts.hidden, num_hidden_layers=opts.layers,
+        num_attention_heads=max(1, opts.hidden // 64), intermediate_size=4 * opts.hidden,
+        max_position_embeddings=opts.seq + 2, num_labels=2,
+    )
+    model = RobertaForSequenceClassification(config)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
+    steps = opts.warmup + opts.steps
+    flat = {} if opts.child == "plain" else {"flat_method": opts.child}
+    args_cls = TrainingArguments if flat else __import__("transformers").TrainingArguments
+    args = args_cls(
+        output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=opts.batch,
+        gradient_accumulation_steps=opts.grad_accum, learning_rate=1e-4, save_strategy="no",
+        logging_steps=10, report_to="none", disable_tqdm=True, fp16=opts.fp16, bf16=opts.bf16,
+        dataloader_num_workers=0, seed=0, **flat,
+    )
+    timer = Timer()
+    trainer_cls = FlatTrainer if flat else Trainer
+    trainer = trainer_cls(
+        model=model, args=args, train_dataset=Tokens(steps * opts.batch * opts.grad_accum), callbacks=[timer]
+    )
+    cuda = torch.cuda.is_available()
+    if cuda:
+        model.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = rss_mb()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = [b - a for a, b in zip(timer.ends[opts.warmup - 1 :], timer.ends[opts.warmup :])]
+    print("RESULT " + json.dumps({
+        "method": opts.child,
+        "step_ms": 1000 * statistics.median(times),
+        "peak_extra_mb": peak - before,
+        "trainable_mb": trainable,
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+    }))
+
+
+def main():
+    opts = parse()
+    if opts.child:
+        return run_one(opts)
+    results = []
+    for method in opts.methods:
+        argv = [a for a in sys.argv[1:] if a != "--output" and a != opts.output]
+        # a fixed mmap threshold makes glibc return every large freed block at once, so the
+        # resident size follows the live tensors and ru_maxrss is a true peak
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run(
+            [sys.executable, __file__, *argv, "--child", method], capture_output=True, text=True, check=False, env=env
+        )
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if out.returncode or not line:
+            sys.exit(f"{method} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+        results.append(json.loads(line[0][len("RESULT "):]))
+        print(f"  {method}: {results[-1]['step_ms']:.1f} ms/step", file=sys.stderr)
+
+    base = next((r for r in results if r["method"] == "plain"), results[0])
+    print(f"\nDevice: {base['device']}, torch {base['torch']}; RoBERTa hidden={opts.hidden} layers={opts.layers} "
+          f"seq={opts.seq} batch={opts.batch} grad_accum={opts.grad_accum}"
+          f"{' fp16' if opts.fp16 else ''}{' bf16' if opts.bf16 else ''}; trainable weights {base['trainable_mb']:.1f} MB; "
+          f"median of {opts.steps} steps\n")
+    print("| method | step time (ms) | vs plain Trainer | peak memory over plain (MB) | in copies of the trainable weights |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        r["ratio"] = r["step_ms"] / base["step_ms"]
+        r["extra_over_plain_mb"] = r["peak_extra_mb"] - base["peak_extra_mb"]
+        r["extra_copies"] = r["extra_over_plain_mb"] / r["trainable_mb"]
+        print(f"| {r['method']} | {r['step_ms']:.1f} | {r['ratio']:.2f}x | {r['extra_over_plain_mb']:+.1f} | {r['extra_copies']:+.2f} |")
+    if opts.output:
+        with open(opts.output, "w") as f:
+            json.dump({"options": vars(opts), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
