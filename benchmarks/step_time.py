@@ -1,11 +1,14 @@
 """Step time and peak memory of the plain Trainer and of each flat method, in one run.
 
-Every method trains the same small RoBERTa classifier (built from a config, random tokens) in a
-fresh child process, so each peak-memory reading is its own. The table gives the median
+Every method trains the same small RoBERTa classifier (built from a config, random tokens) in
+fresh child processes: one times the steps, one (a few steps long) reads the peak memory, so
+each reading is its own. The table gives the median
 optimizer-step time, its ratio to the plain `transformers.Trainer` measured in the same run, and
 the memory each method needs beyond the plain Trainer, in MB and in copies of the trainable
 weights. On CUDA the memory is `torch.cuda.max_memory_allocated`; on CPU the peak resident set
-size (`ru_maxrss`) minus the resident size just before `train()`.
+size (`ru_maxrss`) minus the resident size just before `train()`, with glibc's mmap threshold
+fixed so that freed tensors leave the resident set at once (that slows allocation, which is why
+the timing runs in another process).
 
     python benchmarks/step_time.py                 # CPU or the first GPU, default sizes
     python benchmarks/step_time.py --steps 40 --hidden 768 --layers 6 --batch 32 --fp16
@@ -28,18 +31,21 @@ METHODS = ["plain", "none", "sam", "asam"]
 def parse():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=METHODS, help="'plain' is transformers.Trainer itself")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps timed (after --warmup)")
+    parser.add_argument("--steps", type=int, default=15, help="optimizer steps timed (after --warmup)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=384)
+    parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--grad_accum", type=int, default=1)
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin repetitions; the fastest counts")
+    parser.add_argument("--memory_steps", type=int, default=4, help="steps of the memory-reading run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--measure", default="time", help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -83,7 +89,7 @@ def run_one(opts):
     )
     model = RobertaForSequenceClassification(config)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
-    steps = opts.warmup + opts.steps
+    steps = opts.warmup + opts.steps if opts.measure == "time" else opts.memory_steps
     flat = {} if opts.child == "plain" else {"flat_method": opts.child}
     args_cls = TrainingArguments if flat else __import__("transformers").TrainingArguments
     args = args_cls(
@@ -107,41 +113,59 @@ def run_one(opts):
         before = rss_mb()
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if opts.measure == "memory":
+        print("RESULT " + json.dumps({"peak_extra_mb": peak - before}))
+        return
     times = [b - a for a, b in zip(timer.ends[opts.warmup - 1 :], timer.ends[opts.warmup :])]
     print("RESULT " + json.dumps({
         "method": opts.child,
         "step_ms": 1000 * statistics.median(times),
-        "peak_extra_mb": peak - before,
         "trainable_mb": trainable,
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
     }))
 
 
+def child(opts, method, measure, **env):
+    argv = [a for a in sys.argv[1:] if a != "--output" and a != opts.output]
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--child", method, "--measure", measure],
+        capture_output=True, text=True, check=False, env={**os.environ, **env},
+    )
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not line:
+        sys.exit(f"{method} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return json.loads(line[0][len("RESULT "):])
+
+
 def main():
     opts = parse()
     if opts.child:
         return run_one(opts)
+    # Round-robin over the methods, `--rounds` times; each method keeps its fastest round (the
+    # one least disturbed by whatever else the machine was doing).
+    runs = {method: [] for method in opts.methods}
+    for round_ in range(opts.rounds):
+        for method in opts.methods:
+            runs[method].append(child(opts, method, "time"))
+            print(f"  round {round_ + 1}, {method}: {runs[method][-1]['step_ms']:.1f} ms/step", file=sys.stderr)
     results = []
-    for method in opts.methods:
-        argv = [a for a in sys.argv[1:] if a != "--output" and a != opts.output]
-        # a fixed mmap threshold makes glibc return every large freed block at once, so the
-        # resident size follows the live tensors and ru_maxrss is a true peak
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run(
-            [sys.executable, __file__, *argv, "--child", method], capture_output=True, text=True, check=False, env=env
-        )
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if out.returncode or not line:
-            sys.exit(f"{method} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-        results.append(json.loads(line[0][len("RESULT "):]))
-        print(f"  {method}: {results[-1]['step_ms']:.1f} ms/step", file=sys.stderr)
+    for method, method_runs in runs.items():
+        best = min(method_runs, key=lambda r: r["step_ms"])
+        best["all_rounds_ms"] = [r["step_ms"] for r in method_runs]
+        if best["device"].startswith("CPU"):
+            # a fixed mmap threshold makes glibc return every large freed block at once, so the
+            # resident size follows the live tensors and ru_maxrss is a true peak
+            best.update(child(opts, method, "memory", MALLOC_MMAP_THRESHOLD_="65536"))
+        else:
+            best.update(child(opts, method, "memory"))
+        results.append(best)
 
     base = next((r for r in results if r["method"] == "plain"), results[0])
     print(f"\nDevice: {base['device']}, torch {base['torch']}; RoBERTa hidden={opts.hidden} layers={opts.layers} "
           f"seq={opts.seq} batch={opts.batch} grad_accum={opts.grad_accum}"
           f"{' fp16' if opts.fp16 else ''}{' bf16' if opts.bf16 else ''}; trainable weights {base['trainable_mb']:.1f} MB; "
-          f"median of {opts.steps} steps\n")
+          f"median of {opts.steps} steps, fastest of {opts.rounds} rounds\n")
     print("| method | step time (ms) | vs plain Trainer | peak memory over plain (MB) | in copies of the trainable weights |")
     print("|---|---|---|---|---|")
     for r in results:
