@@ -99,10 +99,12 @@ class TwoPassMethod(ABC):
             with torch.no_grad():
                 saved = [p.detach().clone() for p in active_params]  # to restore w exactly
                 torch._foreach_add_(active_params, e)
-        for i, (p, acc) in enumerate(zip(params, accumulated)):
-            if e is None and p.grad is not None and acc is not None:
-                acc.add_(p.grad)  # non-finite g goes into the accumulated gradient
-            if acc is not None or e is not None:
+        # Give the accumulated gradients back (pass 2 adds to them); this frees g, which held e.
+        for p, acc in zip(params, accumulated):
+            if e is None and p.grad is not None:
+                # g is not finite: keep it, so the optimizer step (and the GradScaler) sees it
+                p.grad = p.grad if acc is None else acc.add_(p.grad)
+            else:
                 p.grad = acc
         del e, grads
 
