@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 #: Perturbation methods implemented so far (`hf_flat.methods.PERTURBATIONS` builds them).
 PERTURBATION_METHODS = ("sam", "asam")
 #: Averaging methods implemented so far.
-AVERAGING_METHODS = ()
+AVERAGING_METHODS = ("swa", "ema")
 #: Names the papers use for combinations.
 ALIASES = {"wasam": "sam+swa"}
 #: Optimizers that update the weights inside `backward()`: a two-pass step cannot run with them.
@@ -60,8 +60,9 @@ class FlatTrainingArguments(TrainingArguments):
     flat_method: str = field(
         default="none",
         metadata={
-            "help": "Flat-minima method: 'none' (the plain Trainer), 'sam' (Foret et al.) or 'asam' "
-            "(Kwon et al.). Accepted: " + ", ".join(accepted_flat_methods()) + "."
+            "help": "Flat-minima method: 'none' (the plain Trainer), a perturbation method ('sam', 'asam'), "
+            "an averaging method ('swa', 'ema'), or '<perturbation>+<averaging>' ('wasam' = 'sam+swa'). "
+            "Accepted: " + ", ".join(accepted_flat_methods()) + "."
         },
     )
     sam_rho: float = field(
@@ -73,14 +74,40 @@ class FlatTrainingArguments(TrainingArguments):
         metadata={"help": "ASAM's eta (>= 0): the scale of a weight is |w| + eta."},
     )
 
+    average_start: float = field(
+        default=0.75,
+        metadata={"help": "Averaging (swa, ema) begins after this fraction of the optimizer steps, in [0, 1)."},
+    )
+    average_freq: int = field(
+        default=0,
+        metadata={"help": "SWA snapshot every this many optimizer steps; 0 = once at the end of every epoch."},
+    )
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay, in (0, 1)."})
+    average_on_cpu: bool = field(
+        default=False, metadata={"help": "Keep the float32 averaged weights in CPU memory (for large models)."}
+    )
+
     def __post_init__(self):
         self.flat_perturbation, self.flat_averaging = parse_flat_method(self.flat_method)
         if not (isinstance(self.sam_rho, (int, float)) and math.isfinite(self.sam_rho) and self.sam_rho > 0):
             raise ValueError(f"sam_rho={self.sam_rho!r} is not allowed: it must be a finite number > 0.")
         if not (isinstance(self.asam_eta, (int, float)) and math.isfinite(self.asam_eta) and self.asam_eta >= 0):
             raise ValueError(f"asam_eta={self.asam_eta!r} is not allowed: it must be a finite number >= 0.")
+        if not (isinstance(self.average_start, (int, float)) and 0 <= self.average_start < 1):
+            raise ValueError(f"average_start={self.average_start!r} is not allowed: it must be in [0, 1).")
+        if isinstance(self.average_freq, bool) or not isinstance(self.average_freq, int) or self.average_freq < 0:
+            raise ValueError(f"average_freq={self.average_freq!r} is not allowed: it must be an integer >= 0.")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1):
+            raise ValueError(f"ema_decay={self.ema_decay!r} is not allowed: it must be in (0, 1).")
         if self.flat_perturbation is not None:
             self._refuse_unsupported_two_pass_setups()
+        if self.flat_averaging is not None and self.load_best_model_at_end:
+            raise ValueError(
+                f"load_best_model_at_end=True is not supported with flat_method={self.flat_method!r}: at the "
+                "end of training the model holds the averaged weights, which no checkpoint holds. To keep "
+                "the best checkpoint, use save_strategy='best' with metric_for_best_model='eval_avg_loss' "
+                "(or another eval_avg_ metric), and set load_best_model_at_end=False."
+            )
         super().__post_init__()
 
     def _refuse_unsupported_two_pass_setups(self):

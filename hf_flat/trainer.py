@@ -6,13 +6,24 @@ precision, DDP, checkpoints, evaluation) is the Trainer's own code.
 """
 
 import dataclasses
+import os
+import time
 
 import torch
 from accelerate.utils import DistributedType
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, speed_metrics
+from transformers.utils import logging
 
 from .args import FlatTrainingArguments
+from .averaging import WeightAveraging, load_flat_state, save_flat_state
 from .methods import build_perturbation
+
+logger = logging.get_logger(__name__)
+
+#: The file in each checkpoint folder that holds hf-flat's own state (safetensors: loads without code).
+FLAT_STATE_NAME = "hf_flat_state.safetensors"
 
 
 def as_flat_args(args: TrainingArguments | None) -> FlatTrainingArguments:
@@ -38,6 +49,9 @@ class FlatTrainer(Trainer):
 
     With a perturbation method (SAM, ASAM) every training log also carries ``perturbed_loss``,
     L(w + e), and ``sharpness`` = L(w + e) - L(w), averaged like ``loss``.
+
+    With an averaging method (SWA, EMA) each evaluation during training also evaluates the averaged
+    weights (metrics prefixed ``eval_avg_``), and at the end of training the model holds them.
     """
 
     def __init__(self, model=None, args=None, *positional, **kwargs):
@@ -45,13 +59,32 @@ class FlatTrainer(Trainer):
         self.perturbation = build_perturbation(self.args)
         self._perturbed_loss = None  # sum of L(w + e) since the last training log, on device
         self._perturbed_steps = 0  # optimizer steps in that sum
+        self.averaging = None
+        if self.args.flat_averaging is not None:
+            self.averaging = WeightAveraging(
+                self.args.flat_averaging,
+                start=self.args.average_start,
+                freq=self.args.average_freq,
+                decay=self.args.ema_decay,
+                on_cpu=self.args.average_on_cpu,
+                batchnorm_batches=self._batchnorm_batches,
+            )
+            self.add_callback(self.averaging)
 
     # ---- training --------------------------------------------------------------------------
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if self.perturbation is not None:
             self._refuse_unsupported_setup()
         self._perturbed_loss, self._perturbed_steps = None, 0
-        return super().train(*args, **kwargs)
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if self.averaging is not None:
+            self.averaging.reset()
+        if resume_from_checkpoint:
+            self._load_flat_state(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.perturbation is None:
@@ -87,6 +120,61 @@ class FlatTrainer(Trainer):
                 "model sharded at load time): the perturbation needs the gradient norm over all shards. "
                 "Launch with DDP (`accelerate launch` / `torchrun`), using PEFT/LoRA for large models."
             )
+
+    # ---- averaged weights -------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """`Trainer.evaluate`; during training, once averaging has begun, the averaged weights are
+        evaluated too and their metrics logged and returned with the prefix ``eval_avg_``."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.averaging is None or not self.is_in_train or not self.averaging.count or isinstance(dataset, dict):
+            return metrics  # (a dict of data sets comes back here once per data set)
+        prefix = metric_key_prefix.replace("eval", "eval_avg", 1) if metric_key_prefix.startswith("eval") else (
+            f"{metric_key_prefix}_avg"
+        )
+        start = time.time()
+        with self.averaging.swapped_in(self.model):
+            output = self.evaluation_loop(
+                self.get_eval_dataloader(eval_dataset),
+                description="Evaluation of the averaged weights",
+                prediction_loss_only=True if self.compute_metrics is None else None,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=prefix,
+            )
+        output.metrics.update(speed_metrics(prefix, start, num_samples=output.num_samples))
+        self.log(output.metrics)
+        return {**metrics, **output.metrics}
+
+    def _batchnorm_batches(self):
+        """The training data in order, batched and collated as for training, on this process's
+        device. Every process reads all of it, so all get the same BatchNorm statistics."""
+        dataset, collator = self.train_dataset, self.data_collator
+        if hasattr(dataset, "column_names"):  # a datasets.Dataset
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="training")
+        loader = DataLoader(dataset, batch_size=self._train_batch_size, collate_fn=collator)
+        for batch in loader:
+            yield self._prepare_inputs(batch)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.averaging is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_flat_state(os.path.join(folder, FLAT_STATE_NAME), [self.averaging.state_dict()])
+
+    def _load_flat_state(self, checkpoint):
+        if self.averaging is None:
+            return
+        path = os.path.join(checkpoint, FLAT_STATE_NAME)
+        if not os.path.isfile(path):
+            logger.warning(
+                f"{checkpoint} has no {FLAT_STATE_NAME}: it was not written by a FlatTrainer with averaging, "
+                f"so flat_method={self.args.flat_method!r} starts its average afresh."
+            )
+            return
+        self.averaging.load_state_dict(*load_flat_state(path))
 
     # ---- logging ---------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -29,7 +29,7 @@ def test_hf_argument_parser_gives_the_flags():
     assert (args.flat_method, args.sam_rho, args.asam_eta, args.flat_perturbation) == ("asam", 0.5, 0.0, "asam")
 
 
-@pytest.mark.parametrize("value", ["sgd", "", "sam+", "swa", "wasam", "sam+swa", "asam+ema", "saf", "mesa"])
+@pytest.mark.parametrize("value", ["sgd", "", "sam+", "swa+sam", "sam+asam", "swa+ema", "wasam+ema", "saf", "mesa+swa"])
 def test_unknown_or_unimplemented_flat_method(value):
     with pytest.raises(ValueError) as err:
         make(flat_method=value)
@@ -37,7 +37,44 @@ def test_unknown_or_unimplemented_flat_method(value):
     assert f"flat_method={value!r}" in message
     for name in accepted_flat_methods():
         assert name in message
-    assert accepted_flat_methods() == ["none", "sam", "asam"]
+    assert accepted_flat_methods() == [
+        "none", "sam", "asam", "swa", "ema", "sam+swa", "sam+ema", "asam+swa", "asam+ema", "wasam"
+    ]
+
+
+@pytest.mark.parametrize(
+    "value, parsed",
+    [("swa", (None, "swa")), ("ema", (None, "ema")), ("wasam", ("sam", "swa")), ("asam+ema", ("asam", "ema"))],
+)
+def test_averaging_methods_and_combinations(value, parsed):
+    args = make(flat_method=value)
+    assert (args.flat_perturbation, args.flat_averaging) == parsed
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("average_start", 1.0, r"average_start=1.0 .* \[0, 1\)"),
+        ("average_start", -0.1, r"average_start=-0.1 .* \[0, 1\)"),
+        ("average_start", math.nan, r"average_start=nan"),
+        ("average_freq", -1, r"average_freq=-1 .* integer >= 0"),
+        ("average_freq", 1.5, r"average_freq=1.5 .* integer >= 0"),
+        ("ema_decay", 1.0, r"ema_decay=1.0 .* \(0, 1\)"),
+        ("ema_decay", 0.0, r"ema_decay=0.0 .* \(0, 1\)"),
+    ],
+)
+def test_bad_averaging_arguments(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        make(flat_method="swa", **{field: value})
+
+
+def test_load_best_model_at_end_is_refused_with_averaging():
+    with pytest.raises(ValueError, match=r"load_best_model_at_end=True is not supported with flat_method='wasam'.*eval_avg_loss"):
+        make(
+            flat_method="wasam", load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps",
+            metric_for_best_model="eval_loss",
+        )
+    assert make(flat_method="sam", load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
 
 
 @pytest.mark.parametrize("rho", [0, -0.1, math.nan, math.inf, "0.1"])
