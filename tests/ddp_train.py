@@ -12,8 +12,22 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import RecordingCollator, TinyData, TinyNet, sgd_args  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
+import hf_flat.trainer  # noqa: E402
 from hf_flat import FlatTrainer  # noqa: E402
+
+STATE_WRITES = []  # calls of save_flat_state on this rank
+_save = hf_flat.trainer.save_flat_state
+hf_flat.trainer.save_flat_state = lambda *a, **k: (STATE_WRITES.append(a[0]), _save(*a, **k))
+
+
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.weights = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def main(out_dir, runs):
@@ -22,6 +36,8 @@ def main(out_dir, runs):
         method, grad_accum, clip = run.split(":")
         initial = TinyNet()
         collator = RecordingCollator()
+        recorder = Recorder()
+        averaging = dict(num_train_epochs=2, average_start=0.5, average_freq=1, save_strategy="steps", save_steps=2)
         trainer = FlatTrainer(
             model=copy.deepcopy(initial),
             args=sgd_args(
@@ -31,10 +47,13 @@ def main(out_dir, runs):
                 gradient_accumulation_steps=int(grad_accum),
                 max_grad_norm=float(clip),
                 ddp_backend="gloo",
+                **(averaging if method in ("swa", "ema", "wasam") or "+" in method else {}),
             ),
             train_dataset=TinyData(n=32),
             data_collator=collator,
+            callbacks=[recorder],
         )
+        STATE_WRITES.clear()
         trainer.train()
         torch.save(
             {
@@ -44,6 +63,8 @@ def main(out_dir, runs):
                 "global_step": trainer.state.global_step,
                 "world_size": trainer.args.world_size,
                 "perturbed_loss": [h["perturbed_loss"] for h in trainer.state.log_history if "perturbed_loss" in h],
+                "live": recorder.weights,
+                "state_writes": len(STATE_WRITES),
             },
             os.path.join(out_dir, f"{run.replace(':', '_')}.rank{rank}.pt"),
         )
