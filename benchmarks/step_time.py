@@ -25,12 +25,24 @@ import sys
 import tempfile
 import time
 
-METHODS = ["plain", "none", "sam", "asam"]
+#: name -> FlatTrainingArguments overrides; "plain" is transformers.Trainer itself.
+PRESETS = {
+    "plain": None,
+    "none": {"flat_method": "none"},
+    "sam": {"flat_method": "sam"},
+    "asam": {"flat_method": "asam", "sam_rho": 0.5},
+    "swa": {"flat_method": "swa", "average_start": 0.0},  # one snapshot per epoch
+    "swa_every_step": {"flat_method": "swa", "average_start": 0.0, "average_freq": 1},
+    "ema": {"flat_method": "ema", "average_start": 0.0},
+    "wasam": {"flat_method": "wasam", "average_start": 0.0},
+}
+METHODS = list(PRESETS)
 
 
 def parse():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=METHODS, help="'plain' is transformers.Trainer itself")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="'plain' is transformers.Trainer")
+    parser.add_argument("--epoch_steps", type=int, default=5, help="optimizer steps per epoch (SWA snapshots)")
     parser.add_argument("--steps", type=int, default=15, help="optimizer steps timed (after --warmup)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--hidden", type=int, default=256)
@@ -90,7 +102,7 @@ def run_one(opts):
     model = RobertaForSequenceClassification(config)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
     steps = opts.warmup + opts.steps if opts.measure == "time" else opts.memory_steps
-    flat = {} if opts.child == "plain" else {"flat_method": opts.child}
+    flat = PRESETS[opts.child] or {}
     args_cls = TrainingArguments if flat else __import__("transformers").TrainingArguments
     args = args_cls(
         output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=opts.batch,
@@ -101,8 +113,21 @@ def run_one(opts):
     timer = Timer()
     trainer_cls = FlatTrainer if flat else Trainer
     trainer = trainer_cls(
-        model=model, args=args, train_dataset=Tokens(steps * opts.batch * opts.grad_accum), callbacks=[timer]
+        model=model, args=args, train_dataset=Tokens(opts.epoch_steps * opts.batch * opts.grad_accum),
+        callbacks=[timer],
     )
+    averaging_seconds = [0.0]  # time spent in the averaging callback's per-step update
+    if getattr(trainer, "averaging", None) is not None:
+        on_step_end = trainer.averaging.on_step_end
+
+        def timed_on_step_end(*a, **k):
+            start = time.perf_counter()
+            on_step_end(*a, **k)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            averaging_seconds[0] += time.perf_counter() - start
+
+        trainer.averaging.on_step_end = timed_on_step_end
     cuda = torch.cuda.is_available()
     if cuda:
         model.cuda()
@@ -120,6 +145,7 @@ def run_one(opts):
     print("RESULT " + json.dumps({
         "method": opts.child,
         "step_ms": 1000 * statistics.median(times),
+        "averaging_ms_per_step": 1000 * averaging_seconds[0] / steps,
         "trainable_mb": trainable,
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
@@ -166,13 +192,17 @@ def main():
           f"seq={opts.seq} batch={opts.batch} grad_accum={opts.grad_accum}"
           f"{' fp16' if opts.fp16 else ''}{' bf16' if opts.bf16 else ''}; trainable weights {base['trainable_mb']:.1f} MB; "
           f"median of {opts.steps} steps, fastest of {opts.rounds} rounds\n")
-    print("| method | step time (ms) | vs plain Trainer | peak memory over plain (MB) | in copies of the trainable weights |")
-    print("|---|---|---|---|---|")
+    print("| method | step time (ms) | vs plain Trainer | averaging update per step (ms, % of plain step) "
+          "| peak memory over plain (MB) | in copies of the trainable weights |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         r["ratio"] = r["step_ms"] / base["step_ms"]
         r["extra_over_plain_mb"] = r["peak_extra_mb"] - base["peak_extra_mb"]
         r["extra_copies"] = r["extra_over_plain_mb"] / r["trainable_mb"]
-        print(f"| {r['method']} | {r['step_ms']:.1f} | {r['ratio']:.2f}x | {r['extra_over_plain_mb']:+.1f} | {r['extra_copies']:+.2f} |")
+        averaging = r["averaging_ms_per_step"]
+        averaging = f"{averaging:.2f} ({100 * averaging / base['step_ms']:.2f}%)" if averaging else "-"
+        print(f"| {r['method']} | {r['step_ms']:.1f} | {r['ratio']:.2f}x | {averaging} "
+              f"| {r['extra_over_plain_mb']:+.1f} | {r['extra_copies']:+.2f} |")
     if opts.output:
         with open(opts.output, "w") as f:
             json.dump({"options": vars(opts), "results": results}, f, indent=2)

@@ -101,6 +101,7 @@ class WeightAveraging(TrainerCallback):
         self.average: list[torch.Tensor] | None = None
         self.count = 0  # snapshots in the SWA mean / EMA updates so far
         self.start_step = None
+        self.params: list[torch.Tensor] = []  # the model's trainable parameters, set when training begins
 
     # ---- schedule ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -112,15 +113,16 @@ class WeightAveraging(TrainerCallback):
                 f"parameters ({len(self.names)} saved, {len(names)} trainable)."
             )
         self.names = names
+        self.params = [p for _, p in trainable_parameters(model)]
         if self.average is not None and not self.on_cpu:  # restored from a checkpoint, on the CPU
-            self.average = [a.to(p.device) for a, (_, p) in zip(self.average, trainable_parameters(model))]
+            self.average = [a.to(p.device) for a, p in zip(self.average, self.params)]
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
         if step < self.start_step:
             return
         if self.method == "ema" or self.is_snapshot_step(step, state):
-            self.update(model)
+            self.update()
 
     def is_snapshot_step(self, step, state) -> bool:
         """SWA: every `freq` steps, or with freq 0 at the last step of each epoch (an epoch ends
@@ -130,8 +132,9 @@ class WeightAveraging(TrainerCallback):
         return float(state.epoch).is_integer() or step == state.max_steps
 
     @torch.no_grad()
-    def update(self, model):
-        current = [p.detach() for _, p in trainable_parameters(model)]
+    def update(self):
+        """Add the current weights to the average (SWA) or move the average towards them (EMA)."""
+        current = [p.detach() for p in self.params]
         if self.average is None:
             device = "cpu" if self.on_cpu else None
             self.average = [p.to(device=device or p.device, dtype=torch.float32, copy=True) for p in current]
