@@ -1,6 +1,7 @@
-"""hf-flat: flat-minima optimization (SAM, ASAM, ...) for the Hugging Face Trainer."""
+"""hf-flat: flat-minima optimization (SAM, ASAM, SWA, WASAM, EMA) for the Hugging Face Trainer."""
 
 from .args import FlatTrainingArguments, accepted_flat_methods, parse_flat_method
+from .averaging import WeightAveraging
 from .trainer import FlatTrainer
 
 #: So that `from hf_flat import TrainingArguments` works as a drop-in in user scripts.
@@ -12,6 +13,7 @@ __all__ = [
     "FlatTrainer",
     "FlatTrainingArguments",
     "TrainingArguments",
+    "WeightAveraging",
     "accepted_flat_methods",
     "parse_flat_method",
     "__version__",

@@ -106,14 +106,14 @@ class WeightAveraging(TrainerCallback):
     # ---- schedule ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.start_step = max(1, math.ceil(self.start * state.max_steps))
-        names = [name for name, _ in trainable_parameters(model)]
+        named = trainable_parameters(model)
+        names = [name for name, _ in named]
         if self.names is not None and self.names != names:
             raise ValueError(
                 "The averaged weights restored from the checkpoint do not match the model's trainable "
                 f"parameters ({len(self.names)} saved, {len(names)} trainable)."
             )
-        self.names = names
-        self.params = [p for _, p in trainable_parameters(model)]
+        self.names, self.params = names, [p for _, p in named]
         if self.average is not None and not self.on_cpu:  # restored from a checkpoint, on the CPU
             self.average = [a.to(p.device) for a, p in zip(self.average, self.params)]
 
@@ -185,7 +185,7 @@ class WeightAveraging(TrainerCallback):
     # ---- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         names = self.names if self.average is not None else []
-        tensors = {f"averaging.{n}": a.contiguous() for n, a in zip(names, self.average or [])}
+        tensors = {f"averaging.{n}": a.detach().cpu().contiguous() for n, a in zip(names, self.average or [])}
         meta = {
             "averaging_version": STATE_VERSION,
             "averaging": self.method,
