@@ -242,3 +242,23 @@ def test_save_model_writes_the_averaged_weights(tmp_path):
     for k in PARAMS:
         assert torch.equal(saved[k], trainer.model.state_dict()[k])
         assert not torch.equal(saved[k], weights[12][k])
+
+
+def test_models_without_batchnorm_skip_the_recomputation():
+    from hf_flat.averaging import recompute_batchnorm
+
+    def no_batches():
+        raise AssertionError("the training data must not be read for a model without BatchNorm")
+
+    assert recompute_batchnorm(TinyNet(), no_batches) is False
+    model = TinyNet(batchnorm=True)
+    assert recompute_batchnorm(model, lambda: [{"x": torch.randn(4, 4)}]) is True
+    assert model.bn.num_batches_tracked.item() == 1 and model.bn.momentum == 0.1
+
+
+def test_a_dict_of_eval_sets_gets_eval_avg_metrics_for_each(tmp_path):
+    evals = {"a": TinyData(n=8, seed=5), "b": TinyData(n=8, seed=6)}
+    trainer, _ = train(tmp_path, eval_data=evals, flat_method="ema", average_start=0.5, eval_strategy="epoch")
+    last = {k: v for h in trainer.state.log_history for k, v in h.items()}
+    for name in evals:
+        assert f"eval_{name}_loss" in last and f"eval_avg_{name}_loss" in last
