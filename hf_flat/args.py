@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 #: Perturbation methods implemented so far (`hf_flat.methods.PERTURBATIONS` builds them).
-PERTURBATION_METHODS = ("sam", "asam")
+PERTURBATION_METHODS = ("sam", "asam", "saf", "mesa")
+#: The perturbation methods that take two forward/backward passes per micro-batch.
+TWO_PASS_METHODS = ("sam", "asam")
 #: Averaging methods implemented so far.
 AVERAGING_METHODS = ("swa", "ema")
 #: Names the papers use for combinations.
@@ -49,6 +51,20 @@ def parse_flat_method(value: str) -> tuple[str | None, str | None]:
     )
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(args, name, ok, allowed):
+    value = getattr(args, name)
+    if not ok(value):
+        raise ValueError(f"{name}={value!r} is not allowed: it must be {allowed}.")
+
+
 @dataclass
 class FlatTrainingArguments(TrainingArguments):
     """`transformers.TrainingArguments` with the arguments of the flat-minima methods.
@@ -83,6 +99,20 @@ class FlatTrainingArguments(TrainingArguments):
         metadata={"help": "SWA snapshot every this many optimizer steps; 0 = once at the end of every epoch."},
     )
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay, in (0, 1)."})
+    saf_lambda: float = field(default=0.3, metadata={"help": "SAF: weight of the trajectory loss (>= 0)."})
+    saf_tau: float = field(default=5.0, metadata={"help": "SAF: softmax temperature of the trajectory loss (> 0)."})
+    saf_start_epoch: int = field(
+        default=5, metadata={"help": "SAF: 0-based epoch from which the trajectory loss is used (>= 0)."}
+    )
+    saf_past_epochs: int = field(
+        default=3, metadata={"help": "SAF: the target is the sample's logits this many epochs ago (>= 1)."}
+    )
+    mesa_lambda: float = field(default=0.8, metadata={"help": "MESA: weight of the trajectory loss (>= 0)."})
+    mesa_tau: float = field(default=5.0, metadata={"help": "MESA: softmax temperature (> 0)."})
+    mesa_decay: float = field(default=0.9995, metadata={"help": "MESA: EMA decay of the teacher, in (0, 1)."})
+    mesa_start_epoch: int = field(
+        default=5, metadata={"help": "MESA: 0-based epoch from which the trajectory loss is used (>= 0)."}
+    )
     average_on_cpu: bool = field(
         default=False, metadata={"help": "Keep the float32 averaged weights in CPU memory (for large models)."}
     )
@@ -99,8 +129,21 @@ class FlatTrainingArguments(TrainingArguments):
             raise ValueError(f"average_freq={self.average_freq!r} is not allowed: it must be an integer >= 0.")
         if not (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1):
             raise ValueError(f"ema_decay={self.ema_decay!r} is not allowed: it must be in (0, 1).")
-        if self.flat_perturbation is not None:
+        for name in ("saf_lambda", "mesa_lambda"):
+            _check(self, name, lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
+        for name in ("saf_tau", "mesa_tau"):
+            _check(self, name, lambda v: _is_number(v) and v > 0, "a finite number > 0")
+        for name in ("saf_start_epoch", "mesa_start_epoch"):
+            _check(self, name, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+        _check(self, "saf_past_epochs", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        _check(self, "mesa_decay", lambda v: _is_number(v) and 0 < v < 1, "in (0, 1)")
+        if self.flat_perturbation in TWO_PASS_METHODS:
             self._refuse_unsupported_two_pass_setups()
+        if self.flat_perturbation == "mesa" and (self.deepspeed or self.fsdp):
+            raise ValueError(
+                "flat_method='mesa' keeps a full float32 copy of the model as its EMA teacher, which "
+                "DeepSpeed / FSDP shard: train with DDP, or use flat_method='saf' (no copy of the model)."
+            )
         if self.flat_averaging is not None and self.load_best_model_at_end:
             raise ValueError(
                 f"load_best_model_at_end=True is not supported with flat_method={self.flat_method!r}: at the "

@@ -18,7 +18,8 @@ from transformers.utils import logging
 
 from .args import FlatTrainingArguments
 from .averaging import WeightAveraging, load_flat_state, save_flat_state
-from .methods import build_perturbation
+from .methods import MESA, SAF, build_perturbation, build_trajectory
+from .methods.saf import INDEX_KEY, IndexedCollator, IndexedDataset
 
 logger = logging.get_logger(__name__)
 
@@ -57,8 +58,13 @@ class FlatTrainer(Trainer):
     def __init__(self, model=None, args=None, *positional, **kwargs):
         super().__init__(model, as_flat_args(args), *positional, **kwargs)
         self.perturbation = build_perturbation(self.args)
-        self._perturbed_loss = None  # sum of L(w + e) since the last training log, on device
-        self._perturbed_steps = 0  # optimizer steps in that sum
+        self.trajectory = build_trajectory(self.args)
+        if isinstance(self.trajectory, MESA):
+            self.add_callback(self.trajectory)
+        self._log_sums = {}  # name -> sum since the last training log (on device), e.g. perturbed_loss
+        self._log_steps = 0  # optimizer steps in those sums
+        self._sample_indices = None  # SAF: the current micro-batch's indices in train_dataset
+        self._training_micro_batch = False
         self.averaging = None
         if self.args.flat_averaging is not None:
             self.averaging = WeightAveraging(
@@ -75,7 +81,12 @@ class FlatTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if self.perturbation is not None:
             self._refuse_unsupported_setup()
-        self._perturbed_loss, self._perturbed_steps = None, 0
+        self._log_sums, self._log_steps = {}, 0
+        if isinstance(self.trajectory, SAF) and isinstance(self.train_dataset, torch.utils.data.IterableDataset):
+            raise ValueError(
+                "flat_method='saf' keys its memory by the sample's index in train_dataset, which an "
+                "IterableDataset does not have. Use flat_method='mesa' (no per-sample memory) instead."
+            )
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -87,14 +98,67 @@ class FlatTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.perturbation is None:
-            return super().training_step(model, inputs, num_items_in_batch)
-        loss, perturbed_loss = self.perturbation.step(self, model, inputs, num_items_in_batch)
-        if self._perturbed_loss is None:
-            self._perturbed_loss = torch.zeros((), device=perturbed_loss.device)
-        self._perturbed_loss += perturbed_loss
-        self._perturbed_steps += int(self.accelerator.sync_gradients)
+        if INDEX_KEY in inputs:  # SAF: the sample indices never reach the model
+            inputs = dict(inputs)
+            self._sample_indices = inputs.pop(INDEX_KEY)
+        self._training_micro_batch = True
+        try:
+            if self.perturbation is None:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            else:
+                loss, perturbed_loss = self.perturbation.step(self, model, inputs, num_items_in_batch)
+                self._add_to_log("perturbed_loss", perturbed_loss)
+        finally:
+            self._training_micro_batch = False
+        if self._log_sums:
+            self._log_steps += int(self.accelerator.sync_gradients)
         return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`Trainer.compute_loss`, plus SAF's or MESA's trajectory loss on training micro-batches."""
+        if self.trajectory is None or not self._training_micro_batch:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        teacher_inputs = dict(inputs)  # compute_loss may pop the labels
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        epoch = int(self.state.epoch or 0)
+        if isinstance(self.trajectory, SAF):
+            if self.trajectory.logits is None:
+                self.trajectory.allocate(len(self.train_dataset), logits.shape[-1])
+                logger.warning(f"SAF memory: {self.trajectory.nbytes / 2**20:.1f} MB of host memory.")
+            term = self.trajectory.loss(logits, self._sample_indices, epoch, self.accelerator.gather)
+        elif epoch >= self.trajectory.start_epoch:
+            causal = not getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
+            term = self.trajectory.loss(logits, teacher_inputs, self.accelerator.autocast, causal)
+        else:
+            term = None
+        if term is not None:
+            if self._loss_is_scaled_for_ga(num_items_in_batch):
+                term = term / self.current_gradient_accumulation_steps  # the Trainer will not divide
+            loss = loss + term
+            scaled = term if self._loss_is_scaled_for_ga(num_items_in_batch) else term / self.current_gradient_accumulation_steps
+            self._add_to_log("trajectory_loss", scaled)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Whether the Trainer leaves this loss undivided by the accumulation steps (its own rule)."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def get_train_dataloader(self):
+        """SAF: the data loader also yields each example's index in `train_dataset`."""
+        if not isinstance(self.trajectory, SAF):
+            return super().get_train_dataloader()
+        self._set_signature_columns_if_needed()
+        saved = self.train_dataset, self.data_collator, self._signature_columns
+        self.train_dataset = IndexedDataset(self.train_dataset)
+        self.data_collator = IndexedCollator(self.data_collator)
+        self._signature_columns = [*self._signature_columns, INDEX_KEY]  # kept by column removal
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset, self.data_collator, self._signature_columns = saved
 
     def forward_backward(self, model, inputs, num_items_in_batch=None):
         """One forward and backward pass exactly as the plain Trainer runs it (loss scaling for
@@ -160,28 +224,46 @@ class FlatTrainer(Trainer):
     # ---- checkpoints ---------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.averaging is not None and self.args.should_save:
+        parts = self._stateful_parts()
+        if parts and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_flat_state(os.path.join(folder, FLAT_STATE_NAME), [self.averaging.state_dict()])
+            save_flat_state(os.path.join(folder, FLAT_STATE_NAME), [part.state_dict() for part in parts])
+
+    def _stateful_parts(self):
+        """The flat components whose state must survive a resume (SAF memory, MESA teacher, average)."""
+        return [part for part in (self.trajectory, self.averaging) if part is not None]
 
     def _load_flat_state(self, checkpoint):
-        if self.averaging is None:
+        parts = self._stateful_parts()
+        if not parts:
             return
         path = os.path.join(checkpoint, FLAT_STATE_NAME)
         if not os.path.isfile(path):
             logger.warning(
-                f"{checkpoint} has no {FLAT_STATE_NAME}: it was not written by a FlatTrainer with averaging, "
-                f"so flat_method={self.args.flat_method!r} starts its average afresh."
+                f"{checkpoint} has no {FLAT_STATE_NAME}: it was not written by a FlatTrainer with "
+                f"flat_method={self.args.flat_method!r}, whose state (average, SAF memory, MESA teacher) "
+                "therefore starts afresh."
             )
             return
-        self.averaging.load_state_dict(*load_flat_state(path))
+        tensors, meta = load_flat_state(path)
+        for part in parts:
+            part.load_state_dict(tensors, meta)
 
     # ---- logging ---------------------------------------------------------------------------
+    def _add_to_log(self, name, value):
+        """Sum a per-micro-batch value (scaled like the Trainer's loss) until the next training log."""
+        if name not in self._log_sums:
+            self._log_sums[name] = torch.zeros((), device=value.device)
+        self._log_sums[name] += value.detach().float()
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._perturbed_loss is not None and self._perturbed_steps > 0:
-            total = self.accelerator.reduce(self._perturbed_loss.detach().clone(), reduction="mean").item()
-            logs["perturbed_loss"] = total / self._perturbed_steps
-            logs["sharpness"] = logs["perturbed_loss"] - logs["loss"]
-            self._perturbed_loss.zero_()
-            self._perturbed_steps = 0
+        if "loss" in logs and self._log_steps > 0:
+            for name, total in self._log_sums.items():
+                logs[name] = self.accelerator.reduce(total.clone(), reduction="mean").item() / self._log_steps
+                total.zero_()
+            self._log_steps = 0
+            if "perturbed_loss" in logs:
+                logs["sharpness"] = logs["perturbed_loss"] - logs["loss"]
+            if "trajectory_loss" in logs:
+                logs["task_loss"] = logs["loss"] - logs["trajectory_loss"]
         super().log(logs, start_time)

@@ -29,7 +29,7 @@ def test_hf_argument_parser_gives_the_flags():
     assert (args.flat_method, args.sam_rho, args.asam_eta, args.flat_perturbation) == ("asam", 0.5, 0.0, "asam")
 
 
-@pytest.mark.parametrize("value", ["sgd", "", "sam+", "swa+sam", "sam+asam", "swa+ema", "wasam+ema", "saf", "mesa+swa"])
+@pytest.mark.parametrize("value", ["sgd", "", "sam+", "swa+sam", "sam+asam", "swa+ema", "wasam+ema", "sam+saf", "saf+mesa", "gsam"])
 def test_unknown_or_unimplemented_flat_method(value):
     with pytest.raises(ValueError) as err:
         make(flat_method=value)
@@ -38,7 +38,8 @@ def test_unknown_or_unimplemented_flat_method(value):
     for name in accepted_flat_methods():
         assert name in message
     assert accepted_flat_methods() == [
-        "none", "sam", "asam", "swa", "ema", "sam+swa", "sam+ema", "asam+swa", "asam+ema", "wasam"
+        "none", "sam", "asam", "saf", "mesa", "swa", "ema", "sam+swa", "sam+ema", "asam+swa", "asam+ema",
+        "saf+swa", "saf+ema", "mesa+swa", "mesa+ema", "wasam",
     ]
 
 
@@ -123,3 +124,27 @@ def test_sharded_launch_is_refused_when_training_starts(tmp_path, flag, message)
 def test_non_flat_args_are_refused():
     with pytest.raises(TypeError, match="FlatTrainingArguments"):
         FlatTrainer(model=TinyNet(), args={"flat_method": "sam"})
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("saf_lambda", -0.1, "a finite number >= 0"),
+        ("mesa_lambda", float("nan"), "a finite number >= 0"),
+        ("saf_tau", 0.0, "a finite number > 0"),
+        ("mesa_tau", -1.0, "a finite number > 0"),
+        ("saf_start_epoch", -1, "an integer >= 0"),
+        ("mesa_start_epoch", 1.5, "an integer >= 0"),
+        ("saf_past_epochs", 0, "an integer >= 1"),
+        ("mesa_decay", 1.0, r"in \(0, 1\)"),
+    ],
+)
+def test_bad_saf_and_mesa_arguments(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"{field}=.* is not allowed: it must be {allowed}"):
+        make(flat_method="saf", **{field: value})
+
+
+def test_mesa_is_refused_under_deepspeed_and_fsdp_but_saf_is_not_a_two_pass_method():
+    with pytest.raises(ValueError, match=r"flat_method='mesa' keeps a full float32 copy.*flat_method='saf'"):
+        make(flat_method="mesa", fsdp="full_shard")
+    make(flat_method="saf", optim="lomo")  # one pass: fine with optimizers that step inside backward

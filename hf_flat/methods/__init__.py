@@ -1,9 +1,14 @@
 """Flat-minima methods, one module each. `build_perturbation` maps `flat_method` to an object."""
 
+from .mesa import MESA
+from .saf import SAF
 from .sam import ASAM, SAM, asam_perturbation, sam_perturbation
 from .two_pass import TwoPassMethod
 
-__all__ = ["SAM", "ASAM", "TwoPassMethod", "sam_perturbation", "asam_perturbation", "build_perturbation"]
+__all__ = [
+    "SAM", "ASAM", "SAF", "MESA", "TwoPassMethod", "sam_perturbation", "asam_perturbation",
+    "build_perturbation", "build_trajectory",
+]
 
 #: name in `flat_method` -> factory taking the `FlatTrainingArguments`.
 PERTURBATIONS = {
@@ -12,7 +17,20 @@ PERTURBATIONS = {
 }
 
 
+#: methods that add a trajectory loss instead of a second pass (seed 003).
+TRAJECTORIES = {
+    "saf": lambda args: SAF(args.saf_lambda, args.saf_tau, args.saf_start_epoch, args.saf_past_epochs),
+    "mesa": lambda args: MESA(args.mesa_lambda, args.mesa_tau, args.mesa_decay, args.mesa_start_epoch),
+}
+
+
 def build_perturbation(args) -> TwoPassMethod | None:
-    """The perturbation method `args.flat_method` asks for, or `None`."""
-    name = args.flat_perturbation
-    return None if name is None else PERTURBATIONS[name](args)
+    """The two-pass method `args.flat_method` asks for, or `None`."""
+    factory = PERTURBATIONS.get(args.flat_perturbation)
+    return None if factory is None else factory(args)
+
+
+def build_trajectory(args) -> SAF | MESA | None:
+    """The trajectory-loss method `args.flat_method` asks for, or `None`."""
+    factory = TRAJECTORIES.get(args.flat_perturbation)
+    return None if factory is None else factory(args)

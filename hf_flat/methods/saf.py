@@ -1,0 +1,100 @@
+"""SAF, Sharpness-Aware training for Free (seed 003, Algorithm 1 lines 3-6 and eq. 9).
+
+The target of a training sample is the logits the model produced for that same sample
+`past_epochs` epochs earlier, recorded for free from the normal forward pass. The memory holds
+`past_epochs` slots of float16 logits, one row per sample of `train_dataset`
+(``past_epochs * N * C * 2`` bytes, in host memory), plus the epoch each row was written in, so a
+row is only used when it really is from ``epoch - past_epochs``.
+
+Sample identity is the index in `train_dataset`: `IndexedDataset` adds it to each example and
+`IndexedCollator` takes it out before the user's collator runs and puts it back into the batch,
+so it survives column removal, custom collators and shuffling; `FlatTrainer` pops it before the
+model's forward. Under several processes each step's (index, logits) pairs are gathered from all
+ranks, so every rank can serve any sample in a later epoch.
+"""
+
+import torch
+
+from .trajectory import trajectory_loss
+
+#: The batch key that carries each example's index in `train_dataset`.
+INDEX_KEY = "__hf_flat_sample_index__"
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """`dataset` whose examples (dicts) also carry their index under `INDEX_KEY`."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        example = self.dataset[index]
+        if not isinstance(example, dict):
+            raise TypeError(
+                f"flat_method='saf' needs dict examples (as the Trainer uses), got {type(example).__name__}."
+            )
+        return {**example, INDEX_KEY: index}
+
+
+class IndexedCollator:
+    """Runs `collator` on the examples without their index, then adds the indices to the batch."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        indices = [f[INDEX_KEY] for f in features]
+        batch = self.collator([{k: v for k, v in f.items() if k != INDEX_KEY} for f in features])
+        batch[INDEX_KEY] = torch.tensor(indices, dtype=torch.long)
+        return batch
+
+
+class SAF:
+    """The SAF memory and its trajectory loss."""
+
+    def __init__(self, lam=0.3, tau=5.0, start_epoch=5, past_epochs=3):
+        self.lam, self.tau, self.start_epoch, self.past_epochs = lam, tau, start_epoch, past_epochs
+        self.logits = None  # (past_epochs, N, C) float16, on the CPU
+        self.epochs = None  # (past_epochs, N) int32: the epoch each row was recorded in, -1 = never
+
+    def allocate(self, num_samples: int, num_classes: int):
+        self.logits = torch.zeros(self.past_epochs, num_samples, num_classes, dtype=torch.float16)
+        self.epochs = torch.full((self.past_epochs, num_samples), -1, dtype=torch.int32)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.logits is None else self.logits.nbytes + self.epochs.nbytes
+
+    def loss(self, logits, indices, epoch, gather):
+        """Record this batch's logits (gathered from all processes) and return the trajectory term
+        (``None`` before `start_epoch`)."""
+        if logits.dim() != 2:
+            raise ValueError(
+                f"flat_method='saf' records one row of logits per sample, but the model returns logits of "
+                f"shape {tuple(logits.shape)} (one per token?). Use flat_method='mesa' for per-token outputs."
+            )
+        if self.logits is None:
+            raise RuntimeError("SAF memory used before allocate()")
+        slot = epoch % self.past_epochs  # holds epoch - past_epochs until overwritten below
+        cpu_indices = indices.cpu()
+        term = None
+        if epoch >= self.start_epoch:
+            has_target = (self.epochs[slot, cpu_indices] == epoch - self.past_epochs).to(logits.device)
+            target = self.logits[slot, cpu_indices].to(device=logits.device)
+            term = trajectory_loss(logits, target, self.lam, self.tau, has_target=has_target)
+        all_indices, all_logits = gather(indices), gather(logits.detach())
+        self.logits[slot, all_indices.cpu()] = all_logits.to(device="cpu", dtype=torch.float16)
+        self.epochs[slot, all_indices.cpu()] = epoch
+        return term
+
+    def state_dict(self):
+        if self.logits is None:
+            return {}, {"saf_version": "1"}
+        return {"saf.logits": self.logits, "saf.epochs": self.epochs}, {"saf_version": "1"}
+
+    def load_state_dict(self, tensors, meta):
+        if "saf.logits" in tensors:
+            self.logits, self.epochs = tensors["saf.logits"], tensors["saf.epochs"]
