@@ -35,6 +35,9 @@ PRESETS = {
     "swa_every_step": {"flat_method": "swa", "average_start": 0.0, "average_freq": 1},
     "ema": {"flat_method": "ema", "average_start": 0.0},
     "wasam": {"flat_method": "wasam", "average_start": 0.0},
+    # the trajectory term is on from the second epoch (SAF) / the first step (MESA)
+    "saf": {"flat_method": "saf", "saf_start_epoch": 1, "saf_past_epochs": 1},
+    "mesa": {"flat_method": "mesa", "mesa_start_epoch": 0},
 }
 METHODS = list(PRESETS)
 
@@ -145,6 +148,7 @@ def run_one(opts):
     print("RESULT " + json.dumps({
         "method": opts.child,
         "step_ms": 1000 * statistics.median(times),
+        "saf_memory_mb": trainer.trajectory.nbytes / 2**20 if hasattr(getattr(trainer, "trajectory", None), "nbytes") else None,
         "averaging_ms_per_step": 1000 * averaging_seconds[0] / steps,
         "trainable_mb": trainable,
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",

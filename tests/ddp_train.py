@@ -38,6 +38,8 @@ def main(out_dir, runs):
         collator = RecordingCollator()
         recorder = Recorder()
         averaging = dict(num_train_epochs=2, average_start=0.5, average_freq=1, save_strategy="steps", save_steps=2)
+        if method == "saf":  # epoch 1 reads the logits of epoch 0, recorded by whichever rank saw the sample
+            averaging = dict(num_train_epochs=2, saf_past_epochs=1, saf_start_epoch=1)
         trainer = FlatTrainer(
             model=copy.deepcopy(initial),
             args=sgd_args(
@@ -47,13 +49,25 @@ def main(out_dir, runs):
                 gradient_accumulation_steps=int(grad_accum),
                 max_grad_norm=float(clip),
                 ddp_backend="gloo",
-                **(averaging if method in ("swa", "ema", "wasam") or "+" in method else {}),
+                **(averaging if method in ("swa", "ema", "wasam", "saf") or "+" in method else {}),
             ),
             train_dataset=TinyData(n=32),
             data_collator=collator,
             callbacks=[recorder],
         )
         STATE_WRITES.clear()
+        found = []  # SAF: (epoch, indices, samples with a past target) per micro-batch
+        if method == "saf":
+            saf_loss = trainer.trajectory.loss
+
+            def recording_loss(logits, indices, epoch, gather):
+                slot = epoch % trainer.trajectory.past_epochs
+                if trainer.trajectory.logits is not None:
+                    has = (trainer.trajectory.epochs[slot, indices.cpu()] == epoch - 1).sum().item()
+                    found.append((epoch, indices.tolist(), has))
+                return saf_loss(logits, indices, epoch, gather)
+
+            trainer.trajectory.loss = recording_loss
         trainer.train()
         torch.save(
             {
@@ -65,6 +79,9 @@ def main(out_dir, runs):
                 "perturbed_loss": [h["perturbed_loss"] for h in trainer.state.log_history if "perturbed_loss" in h],
                 "live": recorder.weights,
                 "state_writes": len(STATE_WRITES),
+                "saf_found": found,
+                "saf_epochs": trainer.trajectory.epochs if method == "saf" else None,
+                "saf_logits": trainer.trajectory.logits if method == "saf" else None,
             },
             os.path.join(out_dir, f"{run.replace(':', '_')}.rank{rank}.pt"),
         )

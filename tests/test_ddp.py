@@ -10,7 +10,7 @@ import torch
 
 from helpers import TinyNet, assert_same_weights, reference_two_pass
 
-RUNS = ["sam:2:0.0", "asam:1:0.05", "none:2:0.0", "wasam:1:0.0"]
+RUNS = ["sam:2:0.0", "asam:1:0.05", "none:2:0.0", "wasam:1:0.0", "saf:1:0.0"]
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,18 @@ def test_two_processes_average_the_same_weights_and_only_rank_zero_writes(ddp_re
         for k, v in r["final"].items():
             torch.testing.assert_close(v, expected[k], atol=1e-6, rtol=0)
     assert [r["state_writes"] for r in ranks] == [4, 0]  # checkpoints 2, 4, 6, 8, written by rank 0 only
+
+
+def test_saf_ranks_find_past_logits_that_the_other_rank_recorded(ddp_results):
+    ranks = ddp_results["saf:1:0.0"]
+    seen_in_epoch0 = [{i for epoch, indices, _ in r["saf_found"] if epoch == 0 for i in indices} for r in ranks]
+    from_other_rank = 0
+    for rank, r in enumerate(ranks):
+        for epoch, indices, has in r["saf_found"]:
+            if epoch == 1:
+                assert has == len(indices)  # every sample of epoch 1 has its epoch-0 logits
+                from_other_rank += len(set(indices) - seen_in_epoch0[rank])
+    assert from_other_rank > 0  # ... some of them recorded by the other process
+    assert torch.equal(ranks[0]["saf_epochs"], ranks[1]["saf_epochs"])  # both memories are complete and equal
+    assert torch.equal(ranks[0]["saf_logits"], ranks[1]["saf_logits"])
+    assert (ranks[0]["saf_epochs"] == 1).all()  # every row now holds epoch 1
