@@ -98,9 +98,9 @@ class FlatTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if INDEX_KEY in inputs:  # SAF: the sample indices never reach the model
+        if isinstance(self.trajectory, SAF):  # the sample indices never reach the model
             inputs = dict(inputs)
-            self._sample_indices = inputs.pop(INDEX_KEY)
+            self._sample_indices = inputs.pop(INDEX_KEY, None)
         self._training_micro_batch = True
         try:
             if self.perturbation is None:
@@ -121,23 +121,15 @@ class FlatTrainer(Trainer):
         teacher_inputs = dict(inputs)  # compute_loss may pop the labels
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-        epoch = int(self.state.epoch or 0)
-        if isinstance(self.trajectory, SAF):
-            if self.trajectory.logits is None:
-                self.trajectory.allocate(len(self.train_dataset), logits.shape[-1])
-                logger.warning(f"SAF memory: {self.trajectory.nbytes / 2**20:.1f} MB of host memory.")
-            term = self.trajectory.loss(logits, self._sample_indices, epoch, self.accelerator.gather)
-        elif epoch >= self.trajectory.start_epoch:
-            causal = not getattr(getattr(self.model, "config", None), "is_encoder_decoder", False)
-            term = self.trajectory.loss(logits, teacher_inputs, self.accelerator.autocast, causal)
-        else:
-            term = None
+        term = self.trajectory.term(self, logits, teacher_inputs)
         if term is not None:
+            accumulation = self.current_gradient_accumulation_steps
             if self._loss_is_scaled_for_ga(num_items_in_batch):
-                term = term / self.current_gradient_accumulation_steps  # the Trainer will not divide
+                term = term / accumulation  # the Trainer will not divide this loss by the accumulation steps
+                self._add_to_log("trajectory_loss", term)
+            else:
+                self._add_to_log("trajectory_loss", term / accumulation)
             loss = loss + term
-            scaled = term if self._loss_is_scaled_for_ga(num_items_in_batch) else term / self.current_gradient_accumulation_steps
-            self._add_to_log("trajectory_loss", scaled)
         return (loss, outputs) if return_outputs else loss
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:

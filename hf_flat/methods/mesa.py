@@ -58,6 +58,13 @@ class MESA(TrainerCallback):
         for t, b in zip(self.teacher.buffers(), model.buffers()):
             t.copy_(b)
 
+    def term(self, trainer, logits, inputs):
+        """The trajectory term for this training micro-batch of `trainer`, or None before `start_epoch`."""
+        if int(trainer.state.epoch or 0) < self.start_epoch:
+            return None
+        causal = not getattr(getattr(trainer.model, "config", None), "is_encoder_decoder", False)
+        return self.loss(logits, inputs, trainer.accelerator.autocast, causal)
+
     def loss(self, logits, inputs, autocast, causal):
         """The trajectory term against the teacher's logits on the same `inputs`."""
         with torch.no_grad(), autocast():

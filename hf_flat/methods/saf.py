@@ -14,8 +14,11 @@ ranks, so every rank can serve any sample in a later epoch.
 """
 
 import torch
+from transformers.utils import logging
 
 from .trajectory import trajectory_loss
+
+logger = logging.get_logger(__name__)
 
 #: The batch key that carries each example's index in `train_dataset`.
 INDEX_KEY = "__hf_flat_sample_index__"
@@ -68,10 +71,23 @@ class SAF:
     def nbytes(self) -> int:
         return 0 if self.logits is None else self.logits.nbytes + self.epochs.nbytes
 
+    def term(self, trainer, logits, inputs):
+        """The trajectory term for this training micro-batch of `trainer` (a `FlatTrainer`)."""
+        indices = trainer._sample_indices
+        if indices is None:
+            raise ValueError(
+                "flat_method='saf' found no sample indices in the batch: the training data loader must come "
+                "from FlatTrainer.get_train_dataloader (do not override it), or use flat_method='mesa'."
+            )
+        if self.logits is None:
+            self.allocate(len(trainer.train_dataset), logits.shape[-1])
+            logger.warning(f"SAF memory: {self.nbytes / 2**20:.1f} MB of host memory.")
+        return self.loss(logits, indices, int(trainer.state.epoch or 0), trainer.accelerator.gather)
+
     def loss(self, logits, indices, epoch, gather):
         """Record this batch's logits (gathered from all processes) and return the trajectory term
         (``None`` before `start_epoch`)."""
-        if logits.dim() != 2:
+        if logits.dim() != 2 or logits.shape[0] != indices.shape[0]:
             raise ValueError(
                 f"flat_method='saf' records one row of logits per sample, but the model returns logits of "
                 f"shape {tuple(logits.shape)} (one per token?). Use flat_method='mesa' for per-token outputs."
