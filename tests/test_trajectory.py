@@ -210,3 +210,23 @@ def test_mesa_on_a_causal_lm_with_padding(tmp_path):
     trainer.train()
     terms = [h["trajectory_loss"] for h in trainer.state.log_history if "trajectory_loss" in h]
     assert len(terms) == 4 and terms[0] == pytest.approx(0.0, abs=1e-7) and terms[-1] > 0  # teacher = model at step 1
+
+
+def test_mesa_on_a_seq2seq_model_with_padded_labels(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=20, d_model=8, d_ff=16, d_kv=4, num_layers=1, num_heads=2, dropout_rate=0.0,
+                      decoder_start_token_id=0, pad_token_id=0)
+    model = T5ForConditionalGeneration(config)
+    examples = []
+    for i in range(8):
+        labels = torch.randint(1, 20, (5,))
+        labels[3 + i % 2 :] = -100
+        examples.append({"input_ids": torch.randint(1, 20, (6,)), "attention_mask": torch.ones(6, dtype=torch.long),
+                         "labels": labels})
+    trainer = FlatTrainer(model=model, train_dataset=examples,
+                          args=sgd_args(tmp_path, flat_method="mesa", mesa_start_epoch=0, num_train_epochs=2))
+    trainer.train()
+    terms = [h["trajectory_loss"] for h in trainer.state.log_history if "trajectory_loss" in h]
+    assert len(terms) == 4 and terms[0] == pytest.approx(0.0, abs=1e-5) and terms[-1] > 0
