@@ -13,12 +13,10 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-from datasets import Dataset
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from transformers import HfArgumentParser, ViTConfig, ViTForImageClassification, set_seed
 
 from hf_flat import FlatTrainer, FlatTrainingArguments
+from hf_flat.data import digits_splits
 
 DEFAULTS = dict(
     output_dir="out/digits",
@@ -47,17 +45,6 @@ class ModelArguments:
     test_fraction: float = field(default=0.2, metadata={"help": "share of the 1,797 images held out"})
 
 
-def digits_datasets(test_fraction: float, seed: int):
-    """The digits as `datasets.Dataset`s of 1x8x8 float images scaled to [-1, 1]."""
-    digits = load_digits()
-    images = (digits.images.astype(np.float32) / 8.0 - 1.0)[:, None]
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=test_fraction, random_state=seed, stratify=digits.target
-    )
-    make = lambda x, y: Dataset.from_dict({"pixel_values": x, "labels": y}).with_format("torch")  # noqa: E731
-    return make(x_train, y_train), make(x_test, y_test)
-
-
 def accuracy(eval_pred):
     return {"accuracy": float((np.argmax(eval_pred.predictions, axis=-1) == eval_pred.label_ids).mean())}
 
@@ -67,7 +54,8 @@ def main(argv=None):
     parser.set_defaults(**DEFAULTS)
     model_args, training_args = parser.parse_args_into_dataclasses(argv)
     set_seed(training_args.seed)
-    train, test = digits_datasets(model_args.test_fraction, training_args.seed)
+    splits = digits_splits(model_args.test_fraction, training_args.seed)
+    train, test = splits["train"], splits["test"]
     config = ViTConfig(
         image_size=8, patch_size=model_args.patch_size, num_channels=1, num_labels=10,
         hidden_size=model_args.hidden_size, num_hidden_layers=model_args.num_hidden_layers,

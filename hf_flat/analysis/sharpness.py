@@ -5,7 +5,8 @@
 - Average sharpness: the same with ``e_i = rho * z / ||z||``, ``z ~ N(0, I)``.
 - Asymmetry factor (section 4.4): ``Omega = 1/k sum_i min(l+_i, l-_i) / max(l+_i, l-_i)`` with
   ``l+-_i = L(w +- mu u_i) - L(w)``, ``u_i`` of U(0, 1) elements scaled to unit length.
-  0 is perfectly asymmetric, 1 perfectly symmetric.
+  0 is perfectly asymmetric, 1 perfectly symmetric; values below 0 mean the loss fell in some
+  direction, i.e. the point is not a minimum at distance mu.
 - The top Hessian eigenvalue by power iteration on Hessian-vector products.
 
 All run the model in eval mode (no dropout; BatchNorm uses its running statistics) on the
@@ -13,6 +14,7 @@ trainable parameters, and leave the weights exactly as they were.
 """
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .directions import dot, trainable
 from .surface import evaluate, weights_at
@@ -96,7 +98,13 @@ def top_hessian_eigenvalue(model, batches, iterations: int = 50, tol: float = 1e
 
 
 def hessian_vector_product(model, batches, params, v):
-    """H v for the mean loss over `batches` (weighted by batch size)."""
+    """H v for the mean loss over `batches` (weighted by batch size). Attention runs on PyTorch's
+    math kernel, the one with a double backward."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return _hessian_vector_product(model, batches, params, v)
+
+
+def _hessian_vector_product(model, batches, params, v):
     model.eval()
     total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     count = 0
