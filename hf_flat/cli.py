@@ -106,6 +106,7 @@ def run(argv=None) -> dict:
     """Parse `argv`, run the analysis, write results.json and the plots; return the results."""
     from .analysis import asymmetry_factor, interpolate, plane, sharpness, top_hessian_eigenvalue
     from .analysis.plots import plot_interpolation, plot_plane
+    from .analysis.surface import grid_points
 
     args = build_parser().parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -119,7 +120,7 @@ def run(argv=None) -> dict:
     if args.command == "interpolate":
         model_a, model_b = load_model(args.model_a, args.device), load_model(args.model_b, args.device)
         bn = train_batches if has_batchnorm(model_a) else None
-        alphas = torch.linspace(args.alpha_min, args.alpha_max, args.points).tolist()
+        alphas = grid_points(args.alpha_min, args.alpha_max, args.points)
         with tqdm(total=len(alphas), desc="interpolation") as bar:
             rows = interpolate(model_a, model_b, eval_sets, alphas, bn, progress=lambda i, n: bar.update(1))
         results["interpolation"] = rows

@@ -59,6 +59,13 @@ def weights_at(model, point, train_batches=None):
                 b.copy_(value)
 
 
+def grid_points(low: float, high: float, count: int) -> list[float]:
+    """`count` evenly spaced points from `low` to `high`, rounded so that 0 and the ends are exact."""
+    if count == 1:
+        return [float(low)]
+    return [round(low + i * (high - low) / (count - 1), 10) for i in range(count)]
+
+
 def interpolate(model_a, model_b, eval_sets: dict, alphas, train_batches=None, metric=accuracy, progress=None):
     """theta(alpha) = (1 - alpha) theta_a + alpha theta_b for each alpha; returns, per alpha, the loss
     and metric on every data set of `eval_sets` (name -> batches function)."""
@@ -80,7 +87,7 @@ def plane(model, eval_sets: dict, steps=20, span=(-1.0, 1.0), seed=0, train_batc
     generator = torch.Generator().manual_seed(seed)
     center = [p.detach().float().clone() for _, p in trainable(model)]
     delta, eta = plane_directions(center, generator)
-    coords = torch.linspace(span[0], span[1], steps).tolist()
+    coords = grid_points(span[0], span[1], steps)
     grid = []
     for alpha in coords:
         for beta in coords:
