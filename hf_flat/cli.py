@@ -155,7 +155,8 @@ def run(argv=None) -> dict:
         print("average sharpness ...", file=sys.stderr)
         results["average"] = sharpness(model, m_batches(args.n_average), args.rho, "average", args.seed)
         print("asymmetry factor ...", file=sys.stderr)
-        results["asymmetry"] = asymmetry_factor(model, train_batches, args.mu, args.directions, args.seed)
+        bn = train_batches if has_batchnorm(model) else None
+        results["asymmetry"] = asymmetry_factor(model, train_batches, args.mu, args.directions, args.seed, bn)
         print("top Hessian eigenvalue ...", file=sys.stderr)
         results["hessian"] = top_hessian_eigenvalue(model, train_batches, args.hessian_iterations, seed=args.seed)
         for key in ("adversarial", "average", "asymmetry", "hessian"):

@@ -113,3 +113,23 @@ def test_plane_grid_center_is_the_model_and_batchnorm_is_recomputed():
     assert len(result["grid"]) == 9
     for k, v in model.state_dict().items():  # the model is left as it was
         assert torch.equal(v, before[k]), k
+
+
+def test_asymmetry_recomputes_batchnorm_at_every_point():
+    from hf_flat.analysis.directions import trainable
+    from hf_flat.averaging import recompute_batchnorm
+
+    data = TinyData()
+    model = TinyNet(batchnorm=True)
+    result = asymmetry_factor(model, batches_of(data), mu=0.3, num_directions=1, train_batches=batches_of(data))
+    by_hand = copy.deepcopy(model)
+    recompute_batchnorm(by_hand, batches_of(data))
+    centre = evaluate(by_hand, batches_of(data))["loss"]
+    u = torch.Generator().manual_seed(0)
+    direction = [torch.rand(p.shape, generator=u) for _, p in trainable(model)]
+    norm = sum((d * d).sum() for d in direction).sqrt()
+    with torch.no_grad():
+        for p, d in zip(by_hand.parameters(), direction):
+            p.add_(0.3 * d / norm)
+    recompute_batchnorm(by_hand, batches_of(data))
+    assert result["rises"][0][0] == pytest.approx(evaluate(by_hand, batches_of(data))["loss"] - centre, rel=1e-5)

@@ -56,26 +56,30 @@ def sharpness(model, batches: list, rho: float, kind: str = "adversarial", seed:
     return {"sharpness": sum(diffs) / n, "perturbed_loss": sum(perturbed) / n, "rho": rho, "kind": kind, "n": n}
 
 
-def asymmetry_factor(model, batches, mu: float, num_directions: int = 30, seed: int = 0) -> dict:
+def asymmetry_factor(model, batches, mu: float, num_directions: int = 30, seed: int = 0, train_batches=None) -> dict:
     """Omega over `num_directions` random directions at distance `mu` (loss over all of `batches`,
-    a function returning an iterable of dict batches)."""
+    a function returning an iterable of dict batches). With `train_batches`, BatchNorm statistics
+    are recomputed at every evaluated point, the centre included."""
     params = [p for _, p in trainable(model)]
     generator = torch.Generator().manual_seed(seed)
     base = [p.detach().clone() for p in params]
-    loss = evaluate(model, batches, metric=None)["loss"]
+    loss = evaluate_at(model, base, batches, train_batches)
     ratios, rises = [], []
     for _ in range(num_directions):
         u = _unit([torch.rand(p.shape, generator=generator).to(p.device) for p in params])
         up, down = [
-            evaluate_at(model, [w + sign * mu * ui for w, ui in zip(base, u)], batches) - loss for sign in (1, -1)
+            evaluate_at(model, [w + sign * mu * ui for w, ui in zip(base, u)], batches, train_batches) - loss
+            for sign in (1, -1)
         ]
         ratios.append(min(up, down) / max(up, down) if max(up, down) > 0 else 1.0)
         rises.append((up, down))
     return {"omega": sum(ratios) / len(ratios), "mu": mu, "directions": num_directions, "rises": rises}
 
 
-def evaluate_at(model, point, batches) -> float:
-    with weights_at(model, point):
+def evaluate_at(model, point, batches, train_batches=None) -> float:
+    """The loss over `batches` with the trainable weights at `point` (BatchNorm recomputed on
+    `train_batches` if given); the model is left as it was."""
+    with weights_at(model, point, train_batches):
         return evaluate(model, batches, metric=None)["loss"]
 
 
