@@ -3,6 +3,7 @@
     hf-flat interpolate MODEL_A MODEL_B --data digits --output_dir out/interp
     hf-flat plane MODEL --data glue --data_config sst2 --output_dir out/plane
     hf-flat sharpness MODEL --data my_data/ --rho 0.05 --m 128 --n 4 --output_dir out/sharp
+    hf-flat compare --script examples/vit/run_vit.py --methods none sam ... (see `hf-flat compare -h`)
 
 MODEL is a `save_pretrained` folder or a Trainer checkpoint. --data is `digits` (built in), a
 `datasets` name, a local CSV / JSON file or folder (train.csv, test.csv), or an image folder;
@@ -97,7 +98,12 @@ def has_batchnorm(model):
 
 
 def main(argv=None) -> int:
-    """Console entry point: runs `run` and exits 0 (the results are in the output folder)."""
+    """Console entry point: `hf-flat compare ...` or an analysis command (results in the output folder)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        from .compare import main as compare
+
+        return compare(argv[1:])
     run(argv)
     return 0
 
