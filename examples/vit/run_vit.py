@@ -1,0 +1,157 @@
+"""Fine-tune a ViT for image classification with any flat method, the Hugging Face way.
+
+    python examples/vit/run_vit.py                                   # built-in digits, small ViT, SAM
+    python examples/vit/run_vit.py --flat_method wasam --sam_rho 0.1 --average_start 0.75
+    python examples/vit/run_vit.py --dataset_name cifar10 --model_name_or_path google/vit-base-patch16-224-in21k
+    python examples/vit/run_vit.py --train_dir data/train --validation_dir data/val --model_name_or_path ./my-vit
+    python examples/vit/run_vit.py examples/vit/configs/vit_b16_cifar10_wasam.json   # a JSON config
+
+Every `FlatTrainingArguments` / `TrainingArguments` flag works (`--help`). `digits` is
+scikit-learn's 8x8 digits (offline) with a small ViT built from a config, sized for a CPU.
+`--holdout_fraction f` trains on the rest of the training split and evaluates on a held-out f of
+it (what `hf-flat compare --grid` uses to choose hyper-parameters). The Trainer's
+`all_results.json` / `eval_results.json` land in `--output_dir`.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    ViTConfig,
+    ViTForImageClassification,
+    set_seed,
+)
+
+from hf_flat import FlatTrainer, FlatTrainingArguments
+from hf_flat.data import digits_splits
+
+DEFAULTS = dict(
+    output_dir="out/vit",
+    flat_method="sam",
+    sam_rho=0.05,
+    num_train_epochs=15,
+    learning_rate=2e-3,
+    warmup_steps=30,
+    weight_decay=0.05,
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=128,
+    eval_strategy="epoch",
+    logging_strategy="epoch",
+    save_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+    seed=0,
+)
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(default="digits", metadata={"help": "'digits' (built in), or a datasets name (cifar10)"})
+    dataset_config_name: str = field(default=None, metadata={"help": "the datasets configuration"})
+    train_dir: str = field(default=None, metadata={"help": "an image folder (one sub-folder per class) to train on"})
+    validation_dir: str = field(default=None, metadata={"help": "an image folder to evaluate on"})
+    validation_split_name: str = field(default="test", metadata={"help": "the evaluation split of the data set"})
+    image_column_name: str = field(default=None, metadata={"help": "default: the first Image column"})
+    label_column_name: str = field(default=None, metadata={"help": "default: 'label' (or 'fine_label')"})
+    holdout_fraction: float = field(default=0.0, metadata={"help": "evaluate on this held-out share of the training data"})
+    max_train_samples: int = field(default=None)
+    max_eval_samples: int = field(default=None)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default=None, metadata={"help": "a pretrained ViT (Hub name or folder)"})
+    hidden_size: int = field(default=64, metadata={"help": "width of the ViT built from a config (digits)"})
+    num_hidden_layers: int = field(default=2, metadata={"help": "depth of the ViT built from a config (digits)"})
+    patch_size: int = field(default=2, metadata={"help": "patch side of the ViT built from a config (digits)"})
+
+
+def accuracy(eval_pred):
+    return {"accuracy": float((np.argmax(eval_pred.predictions, axis=-1) == eval_pred.label_ids).mean())}
+
+
+def load_data(data_args):
+    """(train, eval, number of labels, already model-ready) for digits, image folders or a data set."""
+    from datasets import load_dataset
+
+    if data_args.train_dir is None and data_args.dataset_name == "digits":
+        splits = digits_splits(seed=0)
+        return splits["train"], splits["test"], 10, True
+    if data_args.train_dir is not None:
+        raw = {"train": load_dataset("imagefolder", data_dir=data_args.train_dir, split="train")}
+        if data_args.validation_dir:
+            raw["validation"] = load_dataset("imagefolder", data_dir=data_args.validation_dir, split="train")
+        eval_name = "validation"
+    else:
+        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        eval_name = data_args.validation_split_name
+    train, evaluation = raw["train"], raw[eval_name] if eval_name in raw else None
+    label = data_args.label_column_name or next(c for c in ("label", "labels", "fine_label") if c in train.column_names)
+    if label != "labels":
+        train = train.rename_column(label, "labels")
+        evaluation = evaluation.rename_column(label, "labels") if evaluation is not None else None
+    return train, evaluation, train.features["labels"].num_classes, False
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((DataArguments, ModelArguments, FlatTrainingArguments))
+    parser.set_defaults(**DEFAULTS)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        data_args, model_args, training_args = parser.parse_json_file(argv[0], allow_extra_keys=True)
+    else:
+        data_args, model_args, training_args = parser.parse_args_into_dataclasses(argv)
+    set_seed(training_args.seed)
+    train, evaluation, num_labels, ready = load_data(data_args)
+    if data_args.holdout_fraction:
+        split = train.train_test_split(test_size=data_args.holdout_fraction, seed=training_args.seed)
+        train, evaluation = split["train"], split["test"]
+    if data_args.max_train_samples:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples and evaluation is not None:
+        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+
+    if model_args.model_name_or_path:
+        model = AutoModelForImageClassification.from_pretrained(
+            model_args.model_name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True
+        )
+    else:
+        model = ViTForImageClassification(ViTConfig(
+            image_size=8, patch_size=model_args.patch_size, num_channels=1, num_labels=num_labels,
+            hidden_size=model_args.hidden_size, num_hidden_layers=model_args.num_hidden_layers,
+            num_attention_heads=4, intermediate_size=2 * model_args.hidden_size,
+        ))
+    if not ready:  # images through the model's own image processor, on the fly
+        processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+        image = data_args.image_column_name or next(
+            c for c, f in train.features.items() if type(f).__name__ == "Image"
+        )
+
+        def transform(batch):
+            pixels = processor([img.convert("RGB") for img in batch[image]], return_tensors="pt")["pixel_values"]
+            return {"pixel_values": pixels, "labels": batch["labels"]}
+
+        for dataset in (train, evaluation):
+            if dataset is not None:
+                dataset.set_transform(transform)
+        training_args.remove_unused_columns = False
+
+    trainer = FlatTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                          compute_metrics=accuracy)
+    train_result = trainer.train()
+    metrics = {**train_result.metrics, **trainer.evaluate()}
+    trainer.save_metrics("all", metrics)
+    trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
+    trainer.save_model()
+    print(json.dumps({"flat_method": training_args.flat_method, "eval_accuracy": metrics["eval_accuracy"],
+                      "eval_loss": metrics["eval_loss"], "train_runtime_s": metrics["train_runtime"]}))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
