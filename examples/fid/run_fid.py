@@ -1,0 +1,162 @@
+"""Fusion-in-Decoder (Izacard & Grave, 2021) on T5 with any flat method.
+
+    python examples/fid/run_fid.py --model_name_or_path t5-base --train_file nq/train.json \\
+        --eval_file nq/dev.json --n_context 100 --flat_method wasam
+    python examples/fid/run_fid.py examples/fid/configs/fid_base_nq.json        # a JSON config
+
+Data is the FiD JSON format: a list of ``{"question", "answers": [...], "ctxs": [{"title",
+"text"}, ...]}``. Each of the first `n_context` passages is encoded with the question
+(``question: ... title: ... context: ...``) on its own; the encoder outputs are concatenated for
+the decoder. Training targets the first answer; evaluation generates an answer per question and
+reports exact match (SQuAD normalisation) as ``eval_exact_match``, next to the loss. SAF needs one
+row of logits per sample and is refused for this per-token model; MESA works per token.
+"""
+
+import json
+import re
+import string
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer, HfArgumentParser, T5ForConditionalGeneration, set_seed
+from transformers.modeling_outputs import BaseModelOutput
+
+from hf_flat import FlatTrainer, FlatTrainingArguments
+
+DEFAULTS = dict(output_dir="out/fid", report_to="none", save_strategy="no", remove_unused_columns=False,
+                disable_tqdm=True)
+
+
+class FiDT5(T5ForConditionalGeneration):
+    """T5 whose encoder reads each passage separately: `input_ids` of shape (batch, passages, length)."""
+
+    def encode_passages(self, input_ids, attention_mask):
+        batch, passages, length = input_ids.shape
+        hidden = self.encoder(input_ids=input_ids.view(batch * passages, length),
+                              attention_mask=attention_mask.view(batch * passages, length)).last_hidden_state
+        return (BaseModelOutput(last_hidden_state=hidden.view(batch, passages * length, -1)),
+                attention_mask.view(batch, passages * length))
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_outputs=None, labels=None, **kwargs):
+        # (`labels` is named so that the Trainer finds it and computes the evaluation loss)
+        if input_ids is not None and input_ids.dim() == 3:
+            encoder_outputs, attention_mask = self.encode_passages(input_ids, attention_mask)
+            input_ids = None
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, encoder_outputs=encoder_outputs,
+                               labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate_answers(self, input_ids, attention_mask, max_new_tokens=20):
+        encoder_outputs, mask = self.encode_passages(input_ids, attention_mask)
+        return self.generate(encoder_outputs=encoder_outputs, attention_mask=mask, max_new_tokens=max_new_tokens)
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(default=None, metadata={"help": "FiD JSON training file"})
+    eval_file: str = field(default=None, metadata={"help": "FiD JSON evaluation file"})
+    n_context: int = field(default=100, metadata={"help": "passages per question"})
+    text_maxlength: int = field(default=250, metadata={"help": "tokens per question + passage"})
+    answer_maxlength: int = field(default=20)
+    holdout_fraction: float = field(default=0.0, metadata={"help": "evaluate on a held-out share of the training data"})
+    max_train_samples: int = field(default=None)
+    max_eval_samples: int = field(default=None)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="t5-base", metadata={"help": "Hub name or local folder"})
+
+
+def normalize_answer(text):
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def exact_match(prediction, answers):
+    return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
+
+
+class FiDCollator:
+    """Tokenizes FiD examples into (batch, n_context, length) inputs and answer labels."""
+
+    def __init__(self, tokenizer, n_context, text_maxlength, answer_maxlength):
+        self.tokenizer, self.n, self.text_len, self.answer_len = tokenizer, n_context, text_maxlength, answer_maxlength
+
+    def passages(self, example):
+        ctxs = example["ctxs"][: self.n]
+        texts = [f"question: {example['question']} title: {c['title']} context: {c['text']}" for c in ctxs]
+        return texts + [f"question: {example['question']}"] * (self.n - len(texts))  # pad to n passages
+
+    def __call__(self, examples):
+        encoded = self.tokenizer([p for e in examples for p in self.passages(e)], max_length=self.text_len,
+                                 truncation=True, padding="max_length", return_tensors="pt")
+        shape = (len(examples), self.n, -1)
+        targets = self.tokenizer([e["answers"][0] for e in examples], max_length=self.answer_len, truncation=True,
+                                 padding="longest", return_tensors="pt")
+        labels = targets["input_ids"].masked_fill(targets["attention_mask"] == 0, -100)
+        return {"input_ids": encoded["input_ids"].view(shape), "attention_mask": encoded["attention_mask"].view(shape),
+                "labels": labels}
+
+
+def evaluate_exact_match(model, tokenizer, collator, examples, batch_size, max_new_tokens, device):
+    model.eval()
+    scores = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        batch = collator(chunk)
+        outputs = model.generate_answers(batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens)
+        for example, text in zip(chunk, tokenizer.batch_decode(outputs, skip_special_tokens=True)):
+            scores.append(exact_match(text, example["answers"]))
+    return sum(scores) / max(len(scores), 1)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((DataArguments, ModelArguments, FlatTrainingArguments))
+    parser.set_defaults(**DEFAULTS)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        data_args, model_args, training_args = parser.parse_json_file(argv[0], allow_extra_keys=True)
+    else:
+        data_args, model_args, training_args = parser.parse_args_into_dataclasses(argv)
+    set_seed(training_args.seed)
+    with open(data_args.train_file) as f:
+        train = json.load(f)
+    evaluation = None
+    if data_args.eval_file:
+        with open(data_args.eval_file) as f:
+            evaluation = json.load(f)
+    if data_args.holdout_fraction:
+        generator = torch.Generator().manual_seed(training_args.seed)
+        order = torch.randperm(len(train), generator=generator).tolist()
+        cut = max(1, int(len(train) * data_args.holdout_fraction))
+        evaluation, train = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
+    train = train[: data_args.max_train_samples] if data_args.max_train_samples else train
+    if evaluation is not None and data_args.max_eval_samples:
+        evaluation = evaluation[: data_args.max_eval_samples]
+
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    model = FiDT5.from_pretrained(model_args.model_name_or_path)
+    collator = FiDCollator(tokenizer, data_args.n_context, data_args.text_maxlength, data_args.answer_maxlength)
+    trainer = FlatTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                          data_collator=collator, processing_class=tokenizer)
+    train_result = trainer.train()
+    metrics = dict(train_result.metrics)
+    if evaluation is not None:
+        metrics.update(trainer.evaluate())
+        metrics["eval_exact_match"] = evaluate_exact_match(
+            trainer.model, tokenizer, collator, evaluation, training_args.per_device_eval_batch_size,
+            data_args.answer_maxlength, training_args.device,
+        )
+        trainer.log({"eval_exact_match": metrics["eval_exact_match"]})
+    trainer.save_metrics("all", metrics)
+    trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
+    trainer.save_model()
+    print(json.dumps({k: v for k, v in metrics.items() if k in ("eval_exact_match", "eval_loss", "train_loss")}))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
