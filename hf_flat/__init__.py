@@ -1,4 +1,4 @@
-"""hf-flat: flat-minima optimization (SAM, ASAM, SWA, WASAM, EMA) for the Hugging Face Trainer."""
+"""hf-flat: flat-minima optimization (SAM, ASAM, SAF, MESA, SWA, WASAM, EMA) for the Hugging Face Trainer."""
 
 from .args import FlatTrainingArguments, accepted_flat_methods, parse_flat_method
 from .averaging import WeightAveraging

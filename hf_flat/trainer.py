@@ -1,7 +1,8 @@
 """`FlatTrainer`: the Hugging Face `Trainer` with flat-minima methods.
 
-The trainer stays thin: it builds the method that `args.flat_method` names and delegates each
-micro-batch to it (`hf_flat.methods`). Everything else (gradient accumulation, clipping, mixed
+The trainer stays thin: it builds the methods that `args.flat_method` names and delegates to
+them: two-pass steps (`hf_flat.methods.sam`), trajectory losses (`hf_flat.methods.saf` /
+`mesa`) and weight averaging (`hf_flat.averaging`, a callback). Everything else (gradient accumulation, clipping, mixed
 precision, DDP, checkpoints, evaluation) is the Trainer's own code.
 """
 
@@ -50,6 +51,9 @@ class FlatTrainer(Trainer):
 
     With a perturbation method (SAM, ASAM) every training log also carries ``perturbed_loss``,
     L(w + e), and ``sharpness`` = L(w + e) - L(w), averaged like ``loss``.
+
+    With SAF or MESA the loss gains the trajectory term, logged as ``trajectory_loss`` beside
+    ``task_loss``.
 
     With an averaging method (SWA, EMA) each evaluation during training also evaluates the averaged
     weights (metrics prefixed ``eval_avg_``), and at the end of training the model holds them.
