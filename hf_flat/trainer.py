@@ -2,8 +2,8 @@
 
 The trainer stays thin: it builds the methods that `args.flat_method` names and delegates to
 them: two-pass steps (`hf_flat.methods.sam`), trajectory losses (`hf_flat.methods.saf` /
-`mesa`) and weight averaging (`hf_flat.averaging`, a callback). Everything else (gradient accumulation, clipping, mixed
-precision, DDP, checkpoints, evaluation) is the Trainer's own code.
+`mesa`) and weight averaging (`hf_flat.averaging`, a callback). Everything else (gradient
+accumulation, clipping, mixed precision, DDP, checkpoints, evaluation) is the Trainer's own code.
 """
 
 import dataclasses
