@@ -15,14 +15,14 @@ row of logits per sample and is refused for this per-token model; MESA works per
 import json
 import re
 import string
-import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, T5ForConditionalGeneration, set_seed
+from transformers import AutoTokenizer, T5ForConditionalGeneration, set_seed
 from transformers.modeling_outputs import BaseModelOutput
 
 from hf_flat import FlatTrainer, FlatTrainingArguments
+from hf_flat.scripts import parse_script_args, save_results
 
 DEFAULTS = dict(output_dir="out/fid", report_to="none", save_strategy="no", remove_unused_columns=False,
                 disable_tqdm=True)
@@ -114,13 +114,9 @@ def evaluate_exact_match(model, tokenizer, collator, examples, batch_size, max_n
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((DataArguments, ModelArguments, FlatTrainingArguments))
-    parser.set_defaults(**DEFAULTS)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        data_args, model_args, training_args = parser.parse_json_file(argv[0], allow_extra_keys=True)
-    else:
-        data_args, model_args, training_args = parser.parse_args_into_dataclasses(argv)
+    data_args, model_args, training_args = parse_script_args(
+        (DataArguments, ModelArguments, FlatTrainingArguments), DEFAULTS, argv
+    )
     set_seed(training_args.seed)
     with open(data_args.train_file) as f:
         train = json.load(f)
@@ -151,9 +147,7 @@ def main(argv=None):
             data_args.answer_maxlength, training_args.device,
         )
         trainer.log({"eval_exact_match": metrics["eval_exact_match"]})
-    trainer.save_metrics("all", metrics)
-    trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
-    trainer.save_model()
+    save_results(trainer, metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k in ("eval_exact_match", "eval_loss", "train_loss")}))
     return metrics
 

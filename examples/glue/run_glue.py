@@ -14,7 +14,6 @@ download). `--holdout_fraction f` evaluates on a held-out share of the training 
 """
 
 import json
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,11 +22,11 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     set_seed,
 )
 
 from hf_flat import FlatTrainer, FlatTrainingArguments
+from hf_flat.scripts import parse_script_args, save_results, split_and_limit
 
 #: task -> (first text column, second text column or None, number of labels; 1 = regression)
 TASKS = {
@@ -94,25 +93,15 @@ def load_glue(data_args):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((DataArguments, ModelArguments, FlatTrainingArguments))
-    parser.set_defaults(**DEFAULTS)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        data_args, model_args, training_args = parser.parse_json_file(argv[0], allow_extra_keys=True)
-    else:
-        data_args, model_args, training_args = parser.parse_args_into_dataclasses(argv)
+    data_args, model_args, training_args = parse_script_args(
+        (DataArguments, ModelArguments, FlatTrainingArguments), DEFAULTS, argv
+    )
     if data_args.task_name not in TASKS:
         raise ValueError(f"task_name={data_args.task_name!r} is not supported: use one of {', '.join(TASKS)}.")
     set_seed(training_args.seed)
     first, second, num_labels = TASKS[data_args.task_name]
     train, evaluation = load_glue(data_args)
-    if data_args.holdout_fraction:
-        split = train.train_test_split(test_size=data_args.holdout_fraction, seed=training_args.seed)
-        train, evaluation = split["train"], split["test"]
-    if data_args.max_train_samples:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if data_args.max_eval_samples and evaluation is not None:
-        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    train, evaluation = split_and_limit(train, evaluation, data_args, training_args.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, num_labels=num_labels,
@@ -135,9 +124,7 @@ def main(argv=None):
                           compute_metrics=glue_metrics(data_args.task_name))
     train_result = trainer.train()
     metrics = {**train_result.metrics, **trainer.evaluate()}
-    trainer.save_metrics("all", metrics)
-    trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
-    trainer.save_model()
+    save_results(trainer, metrics)
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith("eval_") and "runtime" not in k}))
     return metrics
 

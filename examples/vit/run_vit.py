@@ -14,20 +14,19 @@ it (what `hf-flat compare --grid` uses to choose hyper-parameters). The Trainer'
 """
 
 import json
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
-    HfArgumentParser,
     ViTConfig,
     ViTForImageClassification,
     set_seed,
 )
 
 from hf_flat import FlatTrainer, FlatTrainingArguments
+from hf_flat.scripts import parse_script_args, save_results, split_and_limit
 from hf_flat.data import digits_splits
 
 DEFAULTS = dict(
@@ -99,22 +98,12 @@ def load_data(data_args):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((DataArguments, ModelArguments, FlatTrainingArguments))
-    parser.set_defaults(**DEFAULTS)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        data_args, model_args, training_args = parser.parse_json_file(argv[0], allow_extra_keys=True)
-    else:
-        data_args, model_args, training_args = parser.parse_args_into_dataclasses(argv)
+    data_args, model_args, training_args = parse_script_args(
+        (DataArguments, ModelArguments, FlatTrainingArguments), DEFAULTS, argv
+    )
     set_seed(training_args.seed)
     train, evaluation, num_labels, ready = load_data(data_args)
-    if data_args.holdout_fraction:
-        split = train.train_test_split(test_size=data_args.holdout_fraction, seed=training_args.seed)
-        train, evaluation = split["train"], split["test"]
-    if data_args.max_train_samples:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if data_args.max_eval_samples and evaluation is not None:
-        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    train, evaluation = split_and_limit(train, evaluation, data_args, training_args.seed)
 
     if model_args.model_name_or_path:
         model = AutoModelForImageClassification.from_pretrained(
@@ -145,9 +134,7 @@ def main(argv=None):
                           compute_metrics=accuracy)
     train_result = trainer.train()
     metrics = {**train_result.metrics, **trainer.evaluate()}
-    trainer.save_metrics("all", metrics)
-    trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
-    trainer.save_model()
+    save_results(trainer, metrics)
     print(json.dumps({"flat_method": training_args.flat_method, "eval_accuracy": metrics["eval_accuracy"],
                       "eval_loss": metrics["eval_loss"], "train_runtime_s": metrics["train_runtime"]}))
     return metrics
