@@ -1,6 +1,13 @@
 """hf-flat: flat-minima optimization (SAM, ASAM, SAF, MESA, SWA, WASAM, EMA) for the Hugging Face Trainer."""
 
-from .args import FlatTrainingArguments, accepted_flat_methods, parse_flat_method
+from .args import (
+    FlatArgumentsMixin,
+    FlatSeq2SeqTrainingArguments,
+    FlatTrainingArguments,
+    accepted_flat_methods,
+    flat_arguments_class,
+    parse_flat_method,
+)
 from .averaging import WeightAveraging
 from .trainer import FlatTrainer
 
@@ -10,11 +17,14 @@ TrainingArguments = FlatTrainingArguments
 __version__ = "0.1.0"
 
 __all__ = [
+    "FlatArgumentsMixin",
+    "FlatSeq2SeqTrainingArguments",
     "FlatTrainer",
     "FlatTrainingArguments",
     "TrainingArguments",
     "WeightAveraging",
     "accepted_flat_methods",
+    "flat_arguments_class",
     "parse_flat_method",
     "__version__",
 ]

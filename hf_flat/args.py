@@ -1,15 +1,22 @@
 """`FlatTrainingArguments`: the Trainer's arguments plus the flat-minima ones.
 
-`flat_method` is parsed once, here, into a perturbation method (how each micro-batch's gradient
-is taken) and an averaging method (what is done with the weights along the trajectory).
-Every bad value raises a `ValueError` at construction that names the argument, the value, and
+The flat-minima fields and their checks live in the dataclass mixin `FlatArgumentsMixin`:
+`FlatTrainingArguments` adds them to `transformers.TrainingArguments`, `FlatSeq2SeqTrainingArguments`
+to `transformers.Seq2SeqTrainingArguments`, and `flat_arguments_class(MyArgs)` to any other
+`TrainingArguments` subclass.
+
+`flat_method` is parsed, whenever it is read, into a perturbation method (`flat_perturbation`:
+how each micro-batch's gradient is taken) and an averaging method (`flat_averaging`: what is
+done with the weights along the trajectory). Every bad value raises a `ValueError` at
+construction, and again from `check_flat_arguments()`, that names the argument, the value, and
 what is allowed.
 """
 
+import copyreg
 import math
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 #: Perturbation methods implemented so far (`hf_flat.methods.PERTURBATIONS` builds them).
 PERTURBATION_METHODS = ("sam", "asam", "saf", "mesa")
@@ -66,11 +73,20 @@ def _check(args, name, ok, allowed):
 
 
 @dataclass
-class FlatTrainingArguments(TrainingArguments):
-    """`transformers.TrainingArguments` with the arguments of the flat-minima methods.
+class FlatArgumentsMixin:
+    """The arguments of the flat-minima methods, to put before a `TrainingArguments` class.
 
-    Example:
-        >>> args = FlatTrainingArguments("out", flat_method="asam", sam_rho=0.5)
+    Only useful combined with a `transformers.TrainingArguments` (sub)class, mixin first:
+    `FlatTrainingArguments` and `FlatSeq2SeqTrainingArguments` are made this way, and
+    `flat_arguments_class(MyArgs)` makes (and caches) the same for any subclass `MyArgs`:
+
+        >>> @dataclass
+        ... class MyFlatArgs(FlatArgumentsMixin, MyArgs):
+        ...     pass
+
+    `flat_perturbation` and `flat_averaging` are read-only properties computed from the current
+    `flat_method`. `check_flat_arguments()` validates the flat fields; `__post_init__` runs it
+    before the base class's own `__post_init__`.
     """
 
     flat_method: str = field(
@@ -116,9 +132,36 @@ class FlatTrainingArguments(TrainingArguments):
     average_on_cpu: bool = field(
         default=False, metadata={"help": "Keep the float32 averaged weights in CPU memory (for large models)."}
     )
+    average_bn_batches: int | None = field(
+        default=None,
+        metadata={
+            "help": "BatchNorm statistics of the averaged weights are recomputed from this many training batches "
+            "(>= 1). Default: one pass over the whole training set, as SWA's authors do; required for a model with "
+            "BatchNorm trained on an IterableDataset, whose stream may never end."
+        },
+    )
+
+    @property
+    def flat_perturbation(self) -> str | None:
+        """The perturbation method `flat_method` names ('sam', 'asam', 'saf', 'mesa'), or None."""
+        return parse_flat_method(self.flat_method)[0]
+
+    @property
+    def flat_averaging(self) -> str | None:
+        """The averaging method `flat_method` names ('swa', 'ema'), or None."""
+        return parse_flat_method(self.flat_method)[1]
 
     def __post_init__(self):
-        self.flat_perturbation, self.flat_averaging = parse_flat_method(self.flat_method)
+        self.check_flat_arguments()
+        super().__post_init__()
+
+    def check_flat_arguments(self):
+        """Raise a `ValueError` on any bad flat-minima value, or a setup the chosen method cannot run.
+
+        Runs at construction and can run again on a constructed instance, e.g. after a
+        hyperparameter trial has set `flat_method` or `sam_rho`.
+        """
+        parse_flat_method(self.flat_method)
         if not (isinstance(self.sam_rho, (int, float)) and math.isfinite(self.sam_rho) and self.sam_rho > 0):
             raise ValueError(f"sam_rho={self.sam_rho!r} is not allowed: it must be a finite number > 0.")
         if not (isinstance(self.asam_eta, (int, float)) and math.isfinite(self.asam_eta) and self.asam_eta >= 0):
@@ -137,6 +180,7 @@ class FlatTrainingArguments(TrainingArguments):
             _check(self, name, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
         _check(self, "saf_past_epochs", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
         _check(self, "mesa_decay", lambda v: _is_number(v) and 0 < v < 1, "in (0, 1)")
+        _check(self, "average_bn_batches", lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1")
         if self.flat_perturbation in TWO_PASS_METHODS:
             self._refuse_unsupported_two_pass_setups()
         if self.flat_perturbation == "mesa" and (self.deepspeed or self.fsdp):
@@ -151,7 +195,6 @@ class FlatTrainingArguments(TrainingArguments):
                 "the best checkpoint, use save_strategy='best' with metric_for_best_model='eval_avg_loss' "
                 "(or another eval_avg_ metric), and set load_best_model_at_end=False."
             )
-        super().__post_init__()
 
     def _refuse_unsupported_two_pass_setups(self):
         method = self.flat_method
@@ -175,3 +218,77 @@ class FlatTrainingArguments(TrainingArguments):
                 "step at the perturbed weights. Use an optimizer that steps once per optimizer step, such "
                 "as optim='adamw_torch' or 'sgd'."
             )
+
+
+@dataclass
+class FlatTrainingArguments(FlatArgumentsMixin, TrainingArguments):
+    """`transformers.TrainingArguments` with the arguments of the flat-minima methods.
+
+    Example:
+        >>> args = FlatTrainingArguments("out", flat_method="asam", sam_rho=0.5)
+
+    For a `TrainingArguments` subclass, use `FlatSeq2SeqTrainingArguments` or
+    `flat_arguments_class(MyArgs)`. `FlatTrainer` also accepts a plain `TrainingArguments` or any
+    subclass of it, keeps every value, and trains with `flat_method='none'`.
+    """
+
+
+@dataclass
+class FlatSeq2SeqTrainingArguments(FlatArgumentsMixin, Seq2SeqTrainingArguments):
+    """`transformers.Seq2SeqTrainingArguments` with the arguments of the flat-minima methods.
+
+    Example:
+        >>> args = FlatSeq2SeqTrainingArguments("out", flat_method="sam", predict_with_generate=True)
+    """
+
+
+#: `TrainingArguments` class -> the class with the flat fields added (`flat_arguments_class`).
+_FLAT_CLASSES: dict[type, type] = {
+    TrainingArguments: FlatTrainingArguments,
+    Seq2SeqTrainingArguments: FlatSeq2SeqTrainingArguments,
+}
+
+
+def flat_arguments_class(cls: type) -> type:
+    """The dataclass with the flat-minima fields and every field of the `TrainingArguments` subclass `cls`.
+
+    `cls` itself when it already has them; `FlatTrainingArguments` for `TrainingArguments` and
+    `FlatSeq2SeqTrainingArguments` for `Seq2SeqTrainingArguments`; otherwise a class made once and
+    cached, `Flat<cls.__name__>(FlatArgumentsMixin, cls)`. Its instances pickle (`torch.save`) as
+    long as `cls` does: they are rebuilt through this function from `cls`.
+
+    Example:
+        >>> args = flat_arguments_class(MyArgs)("out", my_field=3, flat_method="sam")
+        >>> parser = HfArgumentParser(flat_arguments_class(MyArgs))  # both flag sets
+    """
+    if not (isinstance(cls, type) and issubclass(cls, TrainingArguments)):
+        raise TypeError(f"flat_arguments_class() takes a TrainingArguments subclass, not {cls!r}.")
+    if issubclass(cls, FlatArgumentsMixin):
+        return cls
+    if cls not in _FLAT_CLASSES:
+        _FLAT_CLASSES[cls] = _make_flat_class(cls)
+    return _FLAT_CLASSES[cls]
+
+
+def _make_flat_class(cls: type) -> type:
+    def __reduce__(self):
+        # The made class is not a module attribute, so pickle cannot find it by name: rebuild it
+        # from `cls`. A subclass of it the user defined pickles by name, as usual.
+        state = self.__getstate__() if hasattr(self, "__getstate__") else self.__dict__  # 3.10: no __getstate__
+        if type(self) is flat_cls:
+            return _new_flat_arguments, (cls,), state
+        return copyreg.__newobj__, (type(self),), state
+
+    namespace = {
+        "__module__": __name__,
+        "__doc__": f"`{cls.__module__}.{cls.__qualname__}` with the arguments of the flat-minima methods.",
+        "__reduce__": __reduce__,
+    }
+    flat_cls = dataclass(type(f"Flat{cls.__name__}", (FlatArgumentsMixin, cls), namespace))
+    return flat_cls
+
+
+def _new_flat_arguments(cls: type):
+    """An empty instance of `flat_arguments_class(cls)`, which unpickling then fills (see `_make_flat_class`)."""
+    flat_cls = flat_arguments_class(cls)
+    return flat_cls.__new__(flat_cls)

@@ -17,6 +17,7 @@ training data, momentum ``None``) before they are evaluated or become the final 
 import contextlib
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -32,10 +33,6 @@ logger = logging.get_logger(__name__)
 
 #: Bumped when the layout of the averaging entries in the checkpoint file changes.
 STATE_VERSION = "1"
-
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
 def recompute_batchnorm(model: nn.Module, batches) -> bool:
@@ -79,6 +76,16 @@ class WeightAveraging(TrainerCallback):
     """SWA or EMA of the trainable weights; `FlatTrainer` adds it for ``flat_method`` ``swa``,
     ``ema``, ``wasam`` or ``<perturbation>+<averaging>``.
 
+    The average is kept per parameter *name*, so it always lands in the layer it came from.
+    Parameters may join or leave the trainable set during training (gradual unfreezing, a callback
+    calling ``requires_grad_``):
+
+    - a parameter that *joins* after averaging began enters the average with its current value
+      standing for every earlier snapshot. It was frozen until then, so that is the value it had
+      at those snapshots, and the average stays the exact SWA mean / EMA of the weights the model
+      went through. (A frozen weight that something edits in place is not tracked.)
+    - a parameter that *leaves* stays in the average, and its frozen value keeps entering it.
+
     Args:
         method: ``"swa"`` or ``"ema"``.
         start: `average_start`, the fraction of the optimizer steps after which averaging begins.
@@ -97,25 +104,64 @@ class WeightAveraging(TrainerCallback):
 
     def reset(self):
         """Forget the average (a new `train()` without resuming starts a new one)."""
-        self.names: list[str] | None = None
-        self.average: list[torch.Tensor] | None = None
+        self.average: dict[str, torch.Tensor] = {}  # parameter name -> float32 average
         self.count = 0  # snapshots in the SWA mean / EMA updates so far
         self.start_step = None
-        self.params: list[torch.Tensor] = []  # the model's trainable parameters, set when training begins
+        self.first_snapshot_step = None  # None: no snapshot will be taken in this run
+        self.params: dict[str, nn.Parameter] = {}  # the model's parameters by name, set when training begins
 
     # ---- schedule ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.start_step = max(1, math.ceil(self.start * state.max_steps))
-        named = trainable_parameters(model)
-        names = [name for name, _ in named]
-        if self.names is not None and self.names != names:
+        self.params = dict(model.named_parameters())
+        self._check_restored_average()
+        self.first_snapshot_step = self.first_snapshot(state.max_steps)
+        if self.first_snapshot_step is None and self.count == 0:
+            logger.warning(self.no_snapshot_message(args.flat_method, state.max_steps, ended=False))
+
+    def first_snapshot(self, max_steps) -> int | None:
+        """The first step >= start_step that takes a snapshot (with `average_freq = 0`, the end of
+        an epoch, at the latest `max_steps`), or None if none of steps start_step..max_steps does."""
+        if self.method == "ema" or self.freq == 0:
+            return self.start_step if self.start_step <= max_steps else None
+        first = math.ceil(self.start_step / self.freq) * self.freq
+        return first if first <= max_steps else None
+
+    def no_snapshot_message(self, flat_method, steps, ended) -> str:
+        when = f"training ended at step {steps}" if ended else f"training runs {steps} optimizer steps"
+        rule = (
+            f"average_freq={self.freq} takes snapshots at multiples of {self.freq} only, and none lies between "
+            if self.method == "swa" and self.freq > 0
+            else "averaging starts at "
+        )
+        outcome = (
+            "so no averaged weights were taken and the model keeps its last weights"
+            if ended
+            else "so no averaged weights will be taken and the model will keep its last weights"
+        )
+        return (
+            f"flat_method={flat_method!r}: {rule}step {self.start_step} (average_start={self.start}) and {when}, "
+            f"{outcome}. Lower average_start{' or average_freq' if self.freq else ''}, or train longer."
+        )
+
+    def _check_restored_average(self):
+        unknown = [n for n in self.average if n not in self.params]
+        if unknown:
             raise ValueError(
-                "The averaged weights restored from the checkpoint do not match the model's trainable "
-                f"parameters ({len(self.names)} saved, {len(names)} trainable)."
+                f"The averaged weights restored from the checkpoint include {len(unknown)} parameter(s) the "
+                f"model does not have, e.g. {unknown[:3]}: resume with the model that wrote the checkpoint."
             )
-        self.names, self.params = names, [p for _, p in named]
-        if self.average is not None and not self.on_cpu:  # restored from a checkpoint, on the CPU
-            self.average = [a.to(p.device) for a, p in zip(self.average, self.params)]
+        for name, a in self.average.items():
+            if a.shape != self.params[name].shape:
+                raise ValueError(
+                    f"The averaged weight {name!r} in the checkpoint has shape {tuple(a.shape)} but the model's "
+                    f"parameter has shape {tuple(self.params[name].shape)}."
+                )
+        if not self.on_cpu:  # restored from a checkpoint, on the CPU
+            self.average = {n: a.to(self.params[n].device) for n, a in self.average.items()}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.admit_new_parameters()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
@@ -132,25 +178,41 @@ class WeightAveraging(TrainerCallback):
         return float(state.epoch).is_integer() or step == state.max_steps
 
     @torch.no_grad()
+    def admit_new_parameters(self):
+        """Once averaging has begun, add the parameters that have become trainable since, with their
+        current (so far frozen) value as their average."""
+        if not self.average:
+            return
+        for name, p in self.params.items():
+            if p.requires_grad and name not in self.average:
+                self.average[name] = self._float32_copy(p)
+
+    def _float32_copy(self, p):
+        return p.detach().to(device="cpu" if self.on_cpu else p.device, dtype=torch.float32, copy=True)
+
+    @torch.no_grad()
     def update(self):
         """Add the current weights to the average (SWA) or move the average towards them (EMA)."""
-        current = [p.detach() for p in self.params]
-        if self.average is None:
-            device = "cpu" if self.on_cpu else None
-            self.average = [p.to(device=device or p.device, dtype=torch.float32, copy=True) for p in current]
+        if not self.average:
+            self.average = {n: self._float32_copy(p) for n, p in self.params.items() if p.requires_grad}
             self.count = 1
             return
-        if any(a.device != p.device or a.dtype != p.dtype for a, p in zip(self.average, current)):
-            current = [p.to(device=a.device, dtype=a.dtype) for a, p in zip(self.average, current)]
-        self.update_fn(self.average, current, self.count)
+        self.admit_new_parameters()
+        names = list(self.average)
+        average = [self.average[n] for n in names]
+        current = [self.params[n].detach() for n in names]
+        if any(a.device != p.device or a.dtype != p.dtype for a, p in zip(average, current)):
+            current = [p.to(device=a.device, dtype=a.dtype) for a, p in zip(average, current)]
+        self.update_fn(average, current, self.count)
         self.count += 1
 
     # ---- using the average ---------------------------------------------------------------
     @torch.no_grad()
     def copy_to(self, model):
-        """Put the averaged weights into `model` and recompute its BatchNorm statistics."""
-        for (_, p), a in zip(trainable_parameters(model), self.average):
-            p.copy_(a)
+        """Put the averaged weights into `model`, each by name, and recompute its BatchNorm statistics."""
+        params = dict(model.named_parameters())
+        for name, a in self.average.items():
+            params[name].copy_(a)
         if self.batchnorm_batches is not None:
             recompute_batchnorm(model, self.batchnorm_batches)
 
@@ -158,8 +220,8 @@ class WeightAveraging(TrainerCallback):
     def swapped_in(self, model):
         """Evaluate the averaged weights inside this block; afterwards the live weights, BatchNorm
         buffers and random streams are exactly what they were."""
-        params = [p for _, p in trainable_parameters(model)]
-        live = [p.detach().to("cpu" if self.on_cpu else p.device, copy=True) for p in params]
+        params = dict(model.named_parameters())
+        live = {n: params[n].detach().to("cpu" if self.on_cpu else params[n].device, copy=True) for n in self.average}
         buffers = {k: b.clone() for k, b in _batchnorm_buffers(model).items()}
         try:
             with preserved_rng_state():
@@ -167,30 +229,25 @@ class WeightAveraging(TrainerCallback):
                 yield
         finally:
             with torch.no_grad():
-                for p, w in zip(params, live):
-                    p.copy_(w)
+                for name, w in live.items():
+                    params[name].copy_(w)
                 for k, b in _batchnorm_buffers(model).items():
                     b.copy_(buffers[k])
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self.count:
-            logger.warning(
-                f"flat_method={args.flat_method!r}: averaging starts at optimizer step {self.start_step} "
-                f"(average_start={self.start}) but training ended at step {state.global_step}; the model "
-                "keeps its last weights."
-            )
+            logger.warning(self.no_snapshot_message(args.flat_method, state.global_step, ended=True))
             return
         self.copy_to(model)
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        names = self.names if self.average is not None else []
-        tensors = {f"averaging.{n}": a.detach().cpu().contiguous() for n, a in zip(names, self.average or [])}
+        tensors = {f"averaging.{n}": a.detach().cpu().contiguous() for n, a in self.average.items()}
         meta = {
             "averaging_version": STATE_VERSION,
             "averaging": self.method,
             "averaging_count": str(self.count),
-            "averaging_names": json.dumps(names),
+            "averaging_names": json.dumps(list(self.average)),
         }
         return tensors, meta
 
@@ -201,9 +258,7 @@ class WeightAveraging(TrainerCallback):
                 f"{self.method!r}; resume with the checkpoint's flat_method."
             )
         self.count = int(meta["averaging_count"])
-        names = json.loads(meta["averaging_names"])
-        self.names = names or None
-        self.average = [tensors[f"averaging.{n}"] for n in names] or None
+        self.average = {n: tensors[f"averaging.{n}"] for n in json.loads(meta["averaging_names"])}
 
 
 def _batchnorm_buffers(model):
@@ -215,13 +270,19 @@ def _batchnorm_buffers(model):
     }
 
 
-def save_flat_state(path, parts):
-    """Write the state of every flat component (`(tensors, metadata)` pairs) to one safetensors file."""
+def save_flat_state(path, parts, flat_method=None):
+    """Write the state of every flat component (`(tensors, metadata)` pairs) to one safetensors
+    file, atomically: a temporary file in the same folder, then a rename, so the file is either
+    complete or absent."""
     tensors, meta = {}, {"hf_flat_state_version": STATE_VERSION}
+    if flat_method is not None:
+        meta["flat_method"] = str(flat_method)
     for part_tensors, part_meta in parts:
         tensors.update(part_tensors)
         meta.update(part_meta)
-    save_file(tensors, path, metadata=meta)
+    temporary = f"{path}.tmp"
+    save_file(tensors, temporary, metadata=meta)
+    os.replace(temporary, path)
 
 
 def load_flat_state(path):
@@ -230,3 +291,17 @@ def load_flat_state(path):
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     return load_file(path), meta
+
+
+def build_averaging(args, batchnorm_batches=None) -> WeightAveraging | None:
+    """The averaging callback `args.flat_method` asks for, or `None`."""
+    if args.flat_averaging is None:
+        return None
+    return WeightAveraging(
+        args.flat_averaging,
+        start=args.average_start,
+        freq=args.average_freq,
+        decay=args.ema_decay,
+        on_cpu=args.average_on_cpu,
+        batchnorm_batches=batchnorm_batches,
+    )

@@ -7,20 +7,23 @@ accumulation, clipping, mixed precision, DDP, checkpoints, evaluation) is the Tr
 """
 
 import dataclasses
+import itertools
 import os
 import time
 
 import torch
 from accelerate.utils import DistributedType
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, speed_metrics
 from transformers.utils import logging
 
-from .args import FlatTrainingArguments
-from .averaging import WeightAveraging, load_flat_state, save_flat_state
-from .methods import MESA, SAF, build_perturbation, build_trajectory
+from .args import FlatArgumentsMixin, FlatTrainingArguments, flat_arguments_class
+from .averaging import build_averaging, load_flat_state, save_flat_state
+from .methods import SAF, build_perturbation, build_trajectory
 from .methods.saf import INDEX_KEY, IndexedCollator, IndexedDataset
+from .methods.trajectory import logits_of, returns_loss_first
 
 logger = logging.get_logger(__name__)
 
@@ -28,16 +31,18 @@ logger = logging.get_logger(__name__)
 FLAT_STATE_NAME = "hf_flat_state.safetensors"
 
 
-def as_flat_args(args: TrainingArguments | None) -> FlatTrainingArguments:
-    """`FlatTrainingArguments` from what the user passed: plain `TrainingArguments` keep every value
-    and get `flat_method='none'`; `None` gives the Trainer's default output folder."""
+def as_flat_args(args: TrainingArguments | None) -> FlatArgumentsMixin:
+    """Flat arguments from what the user passed: flat arguments as they are; a plain
+    `TrainingArguments` or any subclass (e.g. `Seq2SeqTrainingArguments`) becomes an instance of
+    `flat_arguments_class(type(args))` that keeps every value and has `flat_method='none'`;
+    `None` gives the Trainer's default output folder."""
     if args is None:
         return FlatTrainingArguments(output_dir="trainer_output")
-    if isinstance(args, FlatTrainingArguments):
+    if isinstance(args, FlatArgumentsMixin):
         return args
     if isinstance(args, TrainingArguments):
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-        return FlatTrainingArguments(**values)
+        return flat_arguments_class(type(args))(**values)
     raise TypeError(f"args must be a FlatTrainingArguments (hf_flat.TrainingArguments), not {type(args).__name__}.")
 
 
@@ -61,45 +66,57 @@ class FlatTrainer(Trainer):
 
     def __init__(self, model=None, args=None, *positional, **kwargs):
         super().__init__(model, as_flat_args(args), *positional, **kwargs)
-        self.perturbation = build_perturbation(self.args)
-        self.trajectory = build_trajectory(self.args)
-        if isinstance(self.trajectory, MESA):
-            self.add_callback(self.trajectory)
+        self._flat_callbacks = []  # the method objects that are callbacks, registered with the Trainer
+        self._flat_checkpoint = None  # the checkpoint whose flat state the methods restore
         self._log_sums = {}  # name -> sum since the last training log (on device), e.g. perturbed_loss
-        self._log_steps = 0  # optimizer steps in those sums
+        self._log_steps = 0  # optimizer steps since the last training log
         self._sample_indices = None  # SAF: the current micro-batch's indices in train_dataset
         self._training_micro_batch = False
-        self.averaging = None
-        if self.args.flat_averaging is not None:
-            self.averaging = WeightAveraging(
-                self.args.flat_averaging,
-                start=self.args.average_start,
-                freq=self.args.average_freq,
-                decay=self.args.ema_decay,
-                on_cpu=self.args.average_on_cpu,
-                batchnorm_batches=self._batchnorm_batches,
-            )
-            self.add_callback(self.averaging)
+        self._evaluating = False  # inside evaluate(): evaluation loops also evaluate the average
+        self._set_up_flat_methods()
+
+    # ---- the methods -----------------------------------------------------------------------
+    def _set_up_flat_methods(self):
+        """Build the methods that `self.args` names, register those that are callbacks, and restore
+        their state from `self._flat_checkpoint`.
+
+        This runs at construction and again at the start of every `train()` and after a
+        hyperparameter trial has set its values on `self.args`: each training run gets new methods
+        (no average, SAF memory or MESA teacher carries over from an earlier run) built from the
+        arguments as they are then.
+        """
+        self.args.check_flat_arguments()
+        for callback in self._flat_callbacks:
+            self.remove_callback(callback)
+        self.perturbation = build_perturbation(self.args)
+        self.trajectory = build_trajectory(self.args)
+        self.averaging = build_averaging(self.args, self._batchnorm_batches)
+        self._flat_callbacks = [m for m in (self.trajectory, self.averaging) if isinstance(m, TrainerCallback)]
+        for callback in self._flat_callbacks:
+            self.add_callback(callback)
+        if self._flat_checkpoint:
+            self._load_flat_state(self._flat_checkpoint)
 
     # ---- training --------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if self.perturbation is not None:
-            self._refuse_unsupported_setup()
-        self._log_sums, self._log_steps = {}, 0
-        if isinstance(self.trajectory, SAF) and isinstance(self.train_dataset, torch.utils.data.IterableDataset):
-            raise ValueError(
-                "flat_method='saf' keys its memory by the sample's index in train_dataset, which an "
-                "IterableDataset does not have. Use flat_method='mesa' (no per-sample memory) instead."
-            )
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-        if self.averaging is not None:
-            self.averaging.reset()
-        if resume_from_checkpoint:
-            self._load_flat_state(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._flat_checkpoint = resume_from_checkpoint or None
+        self._log_sums, self._log_steps = {}, 0
+        self._set_up_flat_methods()
+        self._check_training_setup()
+        return super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval, **kwargs)
+
+    def _hp_search_setup(self, trial):
+        """The Trainer puts a hyperparameter trial's values on `self.args` here (a private member of
+        `Trainer`; tests/test_trainer_surface.py fails if it stops being called before training).
+        The flat methods are then built again from those values."""
+        super()._hp_search_setup(trial)
+        if trial is not None:
+            self._set_up_flat_methods()
+            self._check_training_setup()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if isinstance(self.trajectory, SAF):  # the sample indices never reach the model
@@ -114,8 +131,7 @@ class FlatTrainer(Trainer):
                 self._add_to_log("perturbed_loss", perturbed_loss)
         finally:
             self._training_micro_batch = False
-        if self._log_sums:
-            self._log_steps += int(self.accelerator.sync_gradients)
+        self._log_steps += int(self.accelerator.sync_gradients)
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -124,7 +140,8 @@ class FlatTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         teacher_inputs = dict(inputs)  # compute_loss may pop the labels
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        # `inputs` is now what the model got: without its labels, a tuple output has no loss first
+        logits = logits_of(outputs, self.model, returns_loss_first(inputs, self.label_names))
         term = self.trajectory.term(self, logits, teacher_inputs)
         if term is not None:
             accumulation = self.current_gradient_accumulation_steps
@@ -161,7 +178,30 @@ class FlatTrainer(Trainer):
         gradient accumulation and mixed precision included); the methods call it once per pass."""
         return super().training_step(model, dict(inputs), num_items_in_batch)
 
-    def _refuse_unsupported_setup(self):
+    def _check_training_setup(self):
+        """Refuse, before any step, what the chosen methods cannot do with this trainer's set-up."""
+        if self.perturbation is not None:
+            self._refuse_sharded_two_pass()
+        streamed = isinstance(self.train_dataset, torch.utils.data.IterableDataset)
+        if isinstance(self.trajectory, SAF) and streamed:
+            raise ValueError(
+                "flat_method='saf' keys its memory by the sample's index in train_dataset, which an "
+                "IterableDataset does not have. Use flat_method='mesa' (no per-sample memory) instead."
+            )
+        if (
+            self.averaging is not None
+            and streamed
+            and self.args.average_bn_batches is None
+            and any(isinstance(m, _BatchNorm) for m in self.model.modules())
+        ):
+            raise ValueError(
+                f"flat_method={self.args.flat_method!r} recomputes the BatchNorm statistics of the averaged "
+                "weights from the training data, by default one pass over all of it, which never ends for an "
+                "IterableDataset. Set average_bn_batches to the number of training batches to use (for "
+                "example as many as one epoch has)."
+            )
+
+    def _refuse_sharded_two_pass(self):
         method = self.args.flat_method
         distributed = self.accelerator.distributed_type
         if self.is_deepspeed_enabled or distributed == DistributedType.DEEPSPEED:
@@ -183,67 +223,110 @@ class FlatTrainer(Trainer):
 
     # ---- averaged weights -------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        """`Trainer.evaluate`; during training, once averaging has begun, the averaged weights are
-        evaluated too and their metrics logged and returned with the prefix ``eval_avg_``."""
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if self.averaging is None or not self.is_in_train or not self.averaging.count or isinstance(dataset, dict):
-            return metrics  # (a dict of data sets comes back here once per data set)
-        prefix = metric_key_prefix.replace("eval", "eval_avg", 1) if metric_key_prefix.startswith("eval") else (
-            f"{metric_key_prefix}_avg"
+        """`Trainer.evaluate`. During training with an averaging method, the averaged weights are
+        evaluated in the same call: their metrics, prefixed ``eval_avg_``, are logged together with
+        the live ones, passed to the callbacks' ``on_evaluate`` (early stopping), used for
+        best-checkpoint selection (``metric_for_best_model="eval_avg_loss"``) and returned. Before
+        the first snapshot the average is the live model, so ``eval_avg_*`` equals ``eval_*``."""
+        self._evaluating = True
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._evaluating = False
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        return self._with_averaged_metrics(
+            output, super().evaluation_loop, dataloader, prediction_loss_only, ignore_keys, metric_key_prefix
         )
-        start = time.time()
-        with self.averaging.swapped_in(self.model):
-            output = self.evaluation_loop(
-                self.get_eval_dataloader(eval_dataset),
-                description="Evaluation of the averaged weights",
-                prediction_loss_only=True if self.compute_metrics is None else None,
-                ignore_keys=ignore_keys,
-                metric_key_prefix=prefix,
-            )
-        output.metrics.update(speed_metrics(prefix, start, num_samples=output.num_samples))
-        self.log(output.metrics)
-        return {**metrics, **output.metrics}
+
+    def prediction_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        output = super().prediction_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        return self._with_averaged_metrics(
+            output, super().prediction_loop, dataloader, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+
+    def _with_averaged_metrics(self, output, loop, dataloader, prediction_loss_only, ignore_keys, metric_key_prefix):
+        """Add the averaged weights' metrics to the evaluation `output` of the live weights."""
+        if not (self._evaluating and self.is_in_train and self.averaging is not None):
+            return output
+        prefix = averaged_prefix(metric_key_prefix)
+        if not self.averaging.count:  # no snapshot yet: the average is the live model
+            live = f"{metric_key_prefix}_"
+            averaged = {f"{prefix}_{k[len(live):]}": v for k, v in output.metrics.items() if k.startswith(live)}
+        else:
+            start = time.time()
+            with self.averaging.swapped_in(self.model):
+                result = loop(dataloader, "Evaluation of the averaged weights", prediction_loss_only, ignore_keys, prefix)
+            averaged = {**result.metrics, **speed_metrics(prefix, start, num_samples=result.num_samples)}
+        output.metrics.update(averaged)
+        return output
 
     def _batchnorm_batches(self):
         """The training data in order, batched and collated as for training, on this process's
-        device. Every process reads all of it, so all get the same BatchNorm statistics."""
+        device: all of it, or its first `average_bn_batches` batches. Every process reads the same
+        batches, so all get the same BatchNorm statistics."""
         dataset, collator = self.train_dataset, self.data_collator
         if hasattr(dataset, "column_names"):  # a datasets.Dataset
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
         loader = DataLoader(dataset, batch_size=self._train_batch_size, collate_fn=collator)
-        for batch in loader:
+        for batch in itertools.islice(loader, self.args.average_bn_batches):
             yield self._prepare_inputs(batch)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        """The Trainer's checkpoint, with `FLAT_STATE_NAME` written into the folder first: the
+        Trainer pushes the folder to the Hub (``hub_strategy="checkpoint"``) before it returns."""
         parts = self._stateful_parts()
         if parts and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_flat_state(os.path.join(folder, FLAT_STATE_NAME), [part.state_dict() for part in parts])
+            os.makedirs(folder, exist_ok=True)
+            save_flat_state(
+                os.path.join(folder, FLAT_STATE_NAME), [part.state_dict() for part in parts], self.args.flat_method
+            )
+        super()._save_checkpoint(model, trial)
 
     def _stateful_parts(self):
         """The flat components whose state must survive a resume (SAF memory, MESA teacher, average)."""
         return [part for part in (self.trajectory, self.averaging) if part is not None]
 
     def _load_flat_state(self, checkpoint):
-        parts = self._stateful_parts()
-        if not parts:
-            return
+        """Restore the state of every stateful method from `checkpoint`.
+
+        The rule: a checkpoint must hold exactly the state this run keeps. Changing a stateless
+        setting (``sam`` <-> ``asam`` <-> ``none``, ``sam_rho``, ...) is fine; resuming with a method
+        whose state the checkpoint lacks (``sam`` -> ``sam+swa``, ``saf`` -> ``saf+swa``) or that
+        would drop state the checkpoint holds (``wasam`` -> ``sam``) is refused, since it would
+        silently restart or lose an average, a SAF memory or a MESA teacher.
+        """
         path = os.path.join(checkpoint, FLAT_STATE_NAME)
-        if not os.path.isfile(path):
-            logger.warning(
-                f"{checkpoint} has no {FLAT_STATE_NAME}: it was not written by a FlatTrainer with "
-                f"flat_method={self.args.flat_method!r}, whose state (average, SAF memory, MESA teacher) "
-                "therefore starts afresh."
+        tensors, meta = load_flat_state(path) if os.path.isfile(path) else ({}, {})
+        saved, needed = state_kinds(meta), {kind for part in self._stateful_parts() for kind in part_kinds(part)}
+        if saved != needed:
+            if not meta:
+                written = f"a run without flat state: it has no {FLAT_STATE_NAME}"
+            else:
+                written = f"flat_method={meta['flat_method']!r}" if "flat_method" in meta else "an earlier hf-flat"
+            problems = []
+            if needed - saved:
+                problems.append(f"it holds no state for {', '.join(sorted(needed - saved))}, which would start from nothing")
+            if saved - needed:
+                problems.append(f"its state for {', '.join(sorted(saved - needed))} would be dropped")
+            raise ValueError(
+                f"Cannot resume flat_method={self.args.flat_method!r} from {checkpoint} (written by {written}): "
+                f"{' and '.join(problems)}. Resume with the flat_method that wrote the checkpoint, or start a new "
+                f"run from its weights: load the model from {checkpoint} and train without resume_from_checkpoint."
             )
-            return
-        tensors, meta = load_flat_state(path)
-        for part in parts:
+        for part in self._stateful_parts():
             part.load_state_dict(tensors, meta)
+        saf_rows = getattr(self.trajectory, "logits", None)
+        if isinstance(self.trajectory, SAF) and saf_rows is not None and saf_rows.shape[1] != len(self.train_dataset):
+            raise ValueError(
+                f"The SAF memory in {checkpoint} has rows for {saf_rows.shape[1]} samples but train_dataset has "
+                f"{len(self.train_dataset)}: resume with the training data that wrote the checkpoint."
+            )
 
     # ---- logging ---------------------------------------------------------------------------
     def _add_to_log(self, name, value):
@@ -253,7 +336,7 @@ class FlatTrainer(Trainer):
         self._log_sums[name] += value.detach().float()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._log_steps > 0:
+        if "loss" in logs and self._log_steps > 0:  # averages over the whole logging window
             for name, total in self._log_sums.items():
                 logs[name] = self.accelerator.reduce(total.clone(), reduction="mean").item() / self._log_steps
                 total.zero_()
@@ -263,3 +346,22 @@ class FlatTrainer(Trainer):
             if "trajectory_loss" in logs:
                 logs["task_loss"] = logs["loss"] - logs["trajectory_loss"]
         super().log(logs, start_time)
+
+
+def averaged_prefix(metric_key_prefix: str) -> str:
+    """``eval`` -> ``eval_avg``, ``eval_a`` -> ``eval_avg_a``, ``test`` -> ``test_avg``."""
+    if metric_key_prefix.startswith("eval"):
+        return metric_key_prefix.replace("eval", "eval_avg", 1)
+    return f"{metric_key_prefix}_avg"
+
+
+def part_kinds(part) -> set[str]:
+    """What state a method object keeps: ``swa`` / ``ema`` (an average), ``saf`` or ``mesa``."""
+    method = getattr(part, "method", None)  # WeightAveraging
+    return {method} if method else {type(part).__name__.lower()}
+
+
+def state_kinds(meta: dict) -> set[str]:
+    """What state a checkpoint's flat state file holds, from its metadata."""
+    kinds = {meta["averaging"]} if "averaging" in meta else set()
+    return kinds | {name for name in ("saf", "mesa") if f"{name}_version" in meta}

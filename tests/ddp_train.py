@@ -57,17 +57,23 @@ def main(out_dir, runs):
         )
         STATE_WRITES.clear()
         found = []  # SAF: (epoch, indices, samples with a past target) per micro-batch
-        if method == "saf":
-            saf_loss = trainer.trajectory.loss
+        if method == "saf":  # wraps the SAF object of the run: train() builds it when training starts
 
-            def recording_loss(logits, indices, epoch, gather):
-                slot = epoch % trainer.trajectory.past_epochs
-                if trainer.trajectory.logits is not None:
-                    has = (trainer.trajectory.epochs[slot, indices.cpu()] == epoch - 1).sum().item()
-                    found.append((epoch, indices.tolist(), has))
-                return saf_loss(logits, indices, epoch, gather)
+            class RecordSafLookups(TrainerCallback):
+                def on_train_begin(self, args, state, control, **kwargs):
+                    saf = trainer.trajectory
+                    saf_loss = saf.loss
 
-            trainer.trajectory.loss = recording_loss
+                    def recording_loss(logits, indices, epoch, gather, kind=None):
+                        slot = epoch % saf.past_epochs
+                        if saf.logits is not None:
+                            has = (saf.epochs[slot, indices.cpu()] == epoch - 1).sum().item()
+                            found.append((epoch, indices.tolist(), has))
+                        return saf_loss(logits, indices, epoch, gather, kind)
+
+                    saf.loss = recording_loss
+
+            trainer.add_callback(RecordSafLookups())
         trainer.train()
         torch.save(
             {

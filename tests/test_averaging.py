@@ -166,7 +166,9 @@ def test_evaluation_of_the_average_leaves_training_untouched(tmp_path):
     evals = {h["step"]: h for h in evaluated.state.log_history if "eval_loss" in h}
     avg_evals = {h["step"]: h for h in evaluated.state.log_history if "eval_avg_loss" in h}
     assert sorted(evals) == [3, 6, 9, 12]
-    assert sorted(avg_evals) == [6, 9, 12]  # first snapshot at step 6
+    assert sorted(avg_evals) == [3, 6, 9, 12]
+    # before the first snapshot (step 6) the average is the live model
+    assert avg_evals[3]["eval_avg_loss"] == evals[3]["eval_loss"] and "eval_avg_runtime" not in avg_evals[3]
     keys = PARAMS + ["bn.weight", "bn.bias"]
     for step, snapshots in [(6, [6]), (9, [6, 8]), (12, [6, 8, 10, 12])]:
         bn = batchnorm_by_hand(initial, mean_of(weights, snapshots, keys), data)
@@ -218,7 +220,7 @@ def test_lora_averages_the_adapters_only(tmp_path):
     model = get_peft_model(TinyNet(), LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=False))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainer, weights = train(tmp_path, model, flat_method="swa", average_start=0.5, average_freq=3)
-    assert all("lora_" in n for n in trainer.averaging.names) and len(trainer.averaging.names) == 2
+    assert all("lora_" in n for n in trainer.averaging.average) and len(trainer.averaging.average) == 2
     lora_keys = [k for k in weights[12] if "lora_" in k]
     assert_model_holds(trainer.model, mean_of(weights, [6, 9, 12], lora_keys))
     for n, p in trainer.model.named_parameters():
@@ -229,7 +231,7 @@ def test_lora_averages_the_adapters_only(tmp_path):
 def test_average_on_cpu_gives_the_same_result(tmp_path):
     a, _ = train(tmp_path / "a", flat_method="swa", average_start=0.5, average_freq=2)
     b, _ = train(tmp_path / "b", flat_method="swa", average_start=0.5, average_freq=2, average_on_cpu=True)
-    assert all(t.device.type == "cpu" for t in b.averaging.average)
+    assert all(t.device.type == "cpu" for t in b.averaging.average.values())
     assert_model_holds(b.model, {k: v.float() for k, v in a.model.state_dict().items()}, atol=0)
 
 
@@ -262,3 +264,52 @@ def test_a_dict_of_eval_sets_gets_eval_avg_metrics_for_each(tmp_path):
     last = {k: v for h in trainer.state.log_history for k, v in h.items()}
     for name in evals:
         assert f"eval_{name}_loss" in last and f"eval_avg_{name}_loss" in last
+
+
+class GradualUnfreezing(TrainerCallback):
+    """fc1 is frozen at the start and joins the trainable set after step `join`; fc2 leaves it
+    after step `leave` (as gradual unfreezing / freezing callbacks do)."""
+
+    def __init__(self, join, leave):
+        self.join, self.leave = join, leave
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.join:
+            model.fc1.requires_grad_(True)
+        if state.global_step == self.leave:
+            model.fc2.requires_grad_(False)
+
+
+@pytest.mark.parametrize("method", ["swa", "ema"])
+def test_parameters_joining_and_leaving_the_trainable_set_keep_their_own_average(tmp_path, method):
+    """The average is kept by name: each layer gets its own trajectory's mean, including a layer
+    that joins after averaging began (its frozen value stands for the earlier snapshots) and one
+    that leaves (its frozen value keeps entering). eval_avg_loss is the loss of that average."""
+    model = TinyNet()
+    model.fc1.requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # holds fc1 too, so it trains once unfrozen
+    recorder, eval_data = WeightRecorder(), TinyData(n=8, seed=5)
+    trainer = FlatTrainer(
+        model=model,
+        args=sgd_args(tmp_path, num_train_epochs=3, flat_method=method, average_start=0.25, average_freq=1,
+                      ema_decay=0.5, eval_strategy="steps", eval_steps=12),
+        train_dataset=TinyData(), eval_dataset=eval_data, data_collator=RecordingCollator(),
+        callbacks=[recorder, GradualUnfreezing(join=5, leave=9)], optimizers=(optimizer, None),
+    )
+    trainer.train()
+    weights = recorder.weights
+    assert not torch.equal(weights[4]["fc1.weight"], weights[12]["fc1.weight"])  # fc1 did train
+    assert torch.equal(weights[9]["fc2.weight"], weights[12]["fc2.weight"])  # fc2 did stop
+    steps = list(range(3, 13))  # start_step = ceil(0.25 * 12) = 3, a snapshot every step
+    if method == "swa":
+        expected = mean_of(weights, steps, PARAMS)
+    else:
+        expected = {k: weights[3][k].float() for k in PARAMS}
+        for t in steps[1:]:
+            expected = {k: 0.5 * expected[k] + 0.5 * weights[t][k] for k in PARAMS}
+    [avg_eval] = [h for h in trainer.state.log_history if "eval_avg_loss" in h]
+    assert_model_holds(trainer.model, expected)
+    by_hand = TinyNet()
+    by_hand.load_state_dict(expected)
+    with torch.no_grad():
+        assert avg_eval["eval_avg_loss"] == pytest.approx(by_hand(eval_data.x, eval_data.y)["loss"].item(), abs=1e-6)

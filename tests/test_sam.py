@@ -167,3 +167,17 @@ def test_unused_parameters_are_not_perturbed(tmp_path):
     for k, v in trainer.model.unused.state_dict().items():
         assert torch.equal(v, before[k])
         assert trainer.model.unused.weight.grad is None
+
+
+@pytest.mark.parametrize("method", ["sam", "asam"])
+def test_bias_only_tuning_has_no_weight_to_scale(tmp_path, method):
+    """No trainable parameter is named '*weight*' (bias-only tuning, PEFT IA3 vectors): ASAM's
+    T = 1 everywhere, and the step still matches the hand reference."""
+    initial = TinyNet()
+    for name, p in initial.named_parameters():
+        p.requires_grad_("bias" in name)
+    trainer, batches = train_recorded(tmp_path, copy.deepcopy(initial), flat_method=method, sam_rho=0.5)
+    expected = reference_two_pass(initial, group_steps(batches, 1, trainer.state.global_step), method, rho=0.5)
+    assert_same_weights(trainer.model, expected)
+    assert torch.equal(trainer.model.fc1.weight, initial.fc1.weight)
+    assert not torch.equal(trainer.model.fc1.bias, initial.fc1.bias)

@@ -188,8 +188,8 @@ def test_saf_refuses_iterable_data_and_per_token_outputs(tmp_path):
 
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2))
     tokens = [{"input_ids": torch.randint(0, 20, (6,)), "labels": torch.randint(0, 20, (6,))} for _ in range(4)]
-    trainer = FlatTrainer(model=lm, args=sgd_args(tmp_path, flat_method="saf", saf_start_epoch=0, max_steps=1),
-                          train_dataset=tokens)
+    args = sgd_args(tmp_path, flat_method="saf", saf_start_epoch=0, saf_past_epochs=1, num_train_epochs=2)
+    trainer = FlatTrainer(model=lm, args=args, train_dataset=tokens)
     with pytest.raises(ValueError, match=r"shape \(4, 6, 20\).*flat_method='mesa'"):
         trainer.train()
 

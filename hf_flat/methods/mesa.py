@@ -1,31 +1,41 @@
-"""MESA, Memory-Efficient Sharpness-Aware training (seed 003, Algorithm 1 lines 7-9, eq. 10 and 13).
+"""MESA, Memory-Efficient Sharpness-Aware training (Du et al., "Sharpness-Aware Training for Free",
+NeurIPS 2022, arXiv 2205.14083: Algorithm 1 lines 7-9, eq. 10 and 13).
 
 The target is the output of an EMA copy of the model (the teacher), kept in float32. It starts as
 a copy of the initial weights and follows ``v = decay * v + (1 - decay) * w`` after every
 optimizer step from the first on (also before `start_epoch`, when the loss does not use it yet).
 Its buffers (BatchNorm statistics) are copied from the model. The teacher runs without grad, in
-eval mode: one extra forward pass per micro-batch.
+eval mode: one extra forward pass per micro-batch. If `start_epoch` is not below the run's number
+of epochs, no teacher is kept at all (`TrajectoryMethod.on_train_begin` warns).
 """
 
 import copy
 
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
-from transformers import TrainerCallback
 
-from .trajectory import trajectory_loss, valid_positions
+from .trajectory import (
+    TrajectoryMethod, head_kind, is_causal_lm, logits_of, returns_loss_first, trajectory_loss, valid_positions,
+)
 
 
-class MESA(TrainerCallback):
+class MESA(TrajectoryMethod):
     """The EMA teacher (a `TrainerCallback`: built when training begins, updated after every
     optimizer step) and its trajectory loss."""
 
+    prefix = "mesa"
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.teacher is None or self._loaded is not None:
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.active and (self.teacher is None or self._loaded is not None):
             self.build_teacher(model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.update(model)
+        if self.active:
+            self.update(model)
+
+    def release(self):
+        self.teacher = self._loaded = None
 
     def __init__(self, lam=0.8, tau=5.0, decay=0.9995, start_epoch=5):
         self.lam, self.tau, self.decay, self.start_epoch = lam, tau, decay, start_epoch
@@ -59,19 +69,16 @@ class MESA(TrainerCallback):
             t.copy_(b)
 
     def term(self, trainer, logits, inputs):
-        """The trajectory term for this training micro-batch of `trainer`, or None before `start_epoch`."""
-        if int(trainer.state.epoch or 0) < self.start_epoch:
+        """The trajectory term for this training micro-batch of `trainer` against the teacher's logits
+        on the same `inputs` (labels included), or None before `start_epoch` or when off for this run."""
+        if not self.active or int(trainer.state.epoch or 0) < self.start_epoch:
             return None
-        causal = not getattr(getattr(trainer.model, "config", None), "is_encoder_decoder", False)
-        return self.loss(logits, inputs, trainer.accelerator.autocast, causal)
-
-    def loss(self, logits, inputs, autocast, causal):
-        """The trajectory term against the teacher's logits on the same `inputs`."""
-        with torch.no_grad(), autocast():
-            target = self.teacher(**inputs)
-        target = target["logits"] if isinstance(target, dict) else target.logits
-        valid = valid_positions(inputs, logits, causal) if logits.dim() == 3 else None
-        return trajectory_loss(logits, target, self.lam, self.tau, valid=valid)
+        with torch.no_grad(), trainer.accelerator.autocast():
+            outputs = self.teacher(**inputs)
+        target = logits_of(outputs, self.teacher, returns_loss_first(inputs, trainer.label_names))
+        valid = valid_positions(inputs, logits, is_causal_lm(trainer.model)) if logits.dim() == 3 else None
+        kind = head_kind(trainer.model, logits)
+        return trajectory_loss(logits, target, self.lam, self.tau, valid=valid, kind=kind)
 
     def state_dict(self):
         if self.teacher is None:

@@ -1,10 +1,13 @@
-"""SAF, Sharpness-Aware training for Free (seed 003, Algorithm 1 lines 3-6 and eq. 9).
+"""SAF, Sharpness-Aware training for Free (Du et al., NeurIPS 2022, arXiv 2205.14083: Algorithm 1
+lines 3-6 and eq. 9).
 
 The target of a training sample is the logits the model produced for that same sample
 `past_epochs` epochs earlier, recorded for free from the normal forward pass. The memory holds
 `past_epochs` slots of float16 logits, one row per sample of `train_dataset`
 (``past_epochs * N * C * 2`` bytes, in host memory), plus the epoch each row was written in, so a
-row is only used when it really is from ``epoch - past_epochs``.
+row is only used when it really is from ``epoch - past_epochs``. The term can therefore first be
+non-zero in epoch ``max(start_epoch, past_epochs)`` (epochs count from 0); if the run ends before,
+nothing is allocated or recorded (`TrajectoryMethod.on_train_begin` warns).
 
 Sample identity is the index in `train_dataset`: `IndexedDataset` adds it to each example and
 `IndexedCollator` takes it out before the user's collator runs and puts it back into the batch,
@@ -13,10 +16,12 @@ model's forward. Under several processes each step's (index, logits) pairs are g
 ranks, so every rank can serve any sample in a later epoch.
 """
 
+from collections.abc import Mapping
+
 import torch
 from transformers.utils import logging
 
-from .trajectory import trajectory_loss
+from .trajectory import TrajectoryMethod, head_kind, trajectory_loss
 
 logger = logging.get_logger(__name__)
 
@@ -25,7 +30,8 @@ INDEX_KEY = "__hf_flat_sample_index__"
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """`dataset` whose examples (dicts) also carry their index under `INDEX_KEY`."""
+    """`dataset` whose examples (mappings: dicts, `BatchEncoding`s) also carry their index under
+    `INDEX_KEY`, as plain dicts."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -35,9 +41,10 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         example = self.dataset[index]
-        if not isinstance(example, dict):
+        if not isinstance(example, Mapping):
             raise TypeError(
-                f"flat_method='saf' needs dict examples (as the Trainer uses), got {type(example).__name__}."
+                f"flat_method='saf' needs examples that map names to values (a dict, as the Trainer uses), "
+                f"got {type(example).__name__}."
             )
         return {**example, INDEX_KEY: index}
 
@@ -55,13 +62,26 @@ class IndexedCollator:
         return batch
 
 
-class SAF:
-    """The SAF memory and its trajectory loss."""
+class SAF(TrajectoryMethod):
+    """The SAF memory and its trajectory loss (a `TrainerCallback`, for `on_train_begin`)."""
+
+    prefix = "saf"
 
     def __init__(self, lam=0.3, tau=5.0, start_epoch=5, past_epochs=3):
         self.lam, self.tau, self.start_epoch, self.past_epochs = lam, tau, start_epoch, past_epochs
         self.logits = None  # (past_epochs, N, C) float16, on the CPU
         self.epochs = None  # (past_epochs, N) int32: the epoch each row was recorded in, -1 = never
+
+    def first_epoch(self) -> int:
+        """Targets come from ``epoch - past_epochs``, so none exists before epoch `past_epochs`."""
+        return max(self.start_epoch, self.past_epochs)
+
+    def binding_arguments(self) -> dict:
+        names = {"saf_start_epoch": self.start_epoch, "saf_past_epochs": self.past_epochs}
+        return {k: v for k, v in names.items() if v == self.first_epoch()}
+
+    def release(self):
+        self.logits = self.epochs = None
 
     def allocate(self, num_samples: int, num_classes: int):
         self.logits = torch.zeros(self.past_epochs, num_samples, num_classes, dtype=torch.float16)
@@ -73,6 +93,8 @@ class SAF:
 
     def term(self, trainer, logits, inputs):
         """The trajectory term for this training micro-batch of `trainer` (a `FlatTrainer`)."""
+        if not self.active:
+            return None
         indices = trainer._sample_indices
         if indices is None:
             raise ValueError(
@@ -82,9 +104,10 @@ class SAF:
         if self.logits is None:
             self.allocate(len(trainer.train_dataset), logits.shape[-1])
             logger.warning(f"SAF memory: {self.nbytes / 2**20:.1f} MB of host memory.")
-        return self.loss(logits, indices, int(trainer.state.epoch or 0), trainer.accelerator.gather)
+        kind = head_kind(trainer.model, logits)
+        return self.loss(logits, indices, int(trainer.state.epoch or 0), trainer.accelerator.gather, kind)
 
-    def loss(self, logits, indices, epoch, gather):
+    def loss(self, logits, indices, epoch, gather, kind=None):
         """Record this batch's logits (gathered from all processes) and return the trajectory term
         (``None`` before `start_epoch`)."""
         if logits.dim() != 2 or logits.shape[0] != indices.shape[0]:
@@ -100,7 +123,7 @@ class SAF:
         if epoch >= self.start_epoch:
             has_target = (self.epochs[slot, cpu_indices] == epoch - self.past_epochs).to(logits.device)
             target = self.logits[slot, cpu_indices].to(device=logits.device)
-            term = trajectory_loss(logits, target, self.lam, self.tau, has_target=has_target)
+            term = trajectory_loss(logits, target, self.lam, self.tau, has_target=has_target, kind=kind)
         all_indices, all_logits = gather(indices), gather(logits.detach())
         self.logits[slot, all_indices.cpu()] = all_logits.to(device="cpu", dtype=torch.float16)
         self.epochs[slot, all_indices.cpu()] = epoch

@@ -30,7 +30,8 @@ def sam_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor
     norm = global_norm(grads)
     if not math.isfinite(norm):
         return None
-    torch._foreach_mul_(grads, rho / (norm + EPS))
+    if grads:  # torch's foreach ops refuse empty lists
+        torch._foreach_mul_(grads, rho / (norm + EPS))
     return grads
 
 
@@ -40,14 +41,18 @@ def asam_perturbation(
     """e = rho * T^2 g / ||T g|| with T = |w| + eta on parameters named '*weight*', in place in `grads`."""
     weights = [p.detach() for name, p in zip(names, params) if "weight" in name]
     weight_grads = [g for name, g in zip(names, grads) if "weight" in name]
-    t = torch._foreach_abs(weights)  # T, freed on return
-    torch._foreach_add_(t, eta)
-    torch._foreach_mul_(weight_grads, t)  # g <- T g
+    # T, freed on return; None when no perturbed parameter is a "weight" (biases only, PEFT IA3 vectors...)
+    t = torch._foreach_abs(weights) if weights else None
+    if t is not None:
+        torch._foreach_add_(t, eta)
+        torch._foreach_mul_(weight_grads, t)  # g <- T g
     norm = global_norm(grads)  # ||T g||
     if not math.isfinite(norm):
         return None
-    torch._foreach_mul_(weight_grads, t)  # g <- T^2 g
-    torch._foreach_mul_(grads, rho / (norm + EPS))
+    if t is not None:
+        torch._foreach_mul_(weight_grads, t)  # g <- T^2 g
+    if grads:
+        torch._foreach_mul_(grads, rho / (norm + EPS))
     return grads
 
 

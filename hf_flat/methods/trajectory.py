@@ -1,4 +1,5 @@
-"""The trajectory loss of SAF and MESA (seed 003, eq. 9 and 13), as the authors' code computes it:
+"""The trajectory loss of SAF and MESA (Du et al., "Sharpness-Aware Training for Free", NeurIPS 2022,
+arXiv 2205.14083, eq. 9 and 13), as the authors' code computes it:
 
     L_tra = lambda * tau^2 * 1/|B| * sum_{i in B with a target} KL( softmax(y_i / tau) || softmax(f(x_i) / tau) )
 
@@ -6,14 +7,39 @@
 logits). ``tau^2`` keeps the gradient's scale independent of the temperature, as in knowledge
 distillation. Samples without a target contribute nothing, but still count in ``|B|``.
 
-Per-token outputs (``logits`` of shape ``(B, T, C)``) average the KL over the batch's valid positions:
-those whose label is not ``-100`` (for a causal LM, the label of the next position), or, without
-labels, those the attention mask keeps. Regression heads (``C = 1``) have no distribution to
-compare: their term is ``lambda * (f(x) - y)^2``, averaged like the KL.
+Heads that are not a softmax over classes get the divergence that matches their loss (our
+extension; the paper only has softmax classifiers):
+
+- multi-label classification (``config.problem_type == "multi_label_classification"``, a
+  BCE-with-logits loss over independent labels): one Bernoulli per label,
+  ``lambda * tau^2 * sum_c KL( Bern(sigmoid(y_ic / tau)) || Bern(sigmoid(f_ic / tau)) )`` per
+  sample, averaged like the softmax KL;
+- regression (``problem_type == "regression"``, or a single output): there is no distribution to
+  compare, so ``lambda * sum_c (f_ic - y_ic)^2``, averaged like the KL.
+
+Per-token outputs (``logits`` of shape ``(B, T, C)``) average over the batch's valid positions:
+those whose label is not ``-100`` (for a causal LM, which predicts label ``t + 1`` at position
+``t``, the label of the next position), or, without labels, those the attention mask keeps.
+
+Logits are found in the model's outputs as the Trainer finds them (`logits_of`): a dict's
+``logits``, or in a tuple (``return_dict=False``) the first entry, or the second when the model
+was given its labels and so returns its loss first.
 """
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import _is_peft_model
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+#: the divergences `trajectory_loss` knows, by the kind of head (see `head_kind`)
+SOFTMAX, BERNOULLI, SQUARED_ERROR = "softmax", "bernoulli", "squared_error"
 
 
 def kl_per_row(target_logits: torch.Tensor, logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -23,7 +49,16 @@ def kl_per_row(target_logits: torch.Tensor, logits: torch.Tensor, tau: float) ->
     return (log_p_target.exp() * (log_p_target - log_p)).sum(-1)
 
 
-def trajectory_loss(logits, target_logits, lam, tau, has_target=None, valid=None) -> torch.Tensor:
+def bernoulli_kl_per_row(target_logits: torch.Tensor, logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """sum_c KL(Bern(sigmoid(target_c / tau)) || Bern(sigmoid(logits_c / tau))), in float32:
+    ``p (log p - log q) + (1 - p) (log(1 - p) - log(1 - q))`` per label, with log-sigmoids."""
+    t, s = target_logits.float() / tau, logits.float() / tau
+    p = torch.sigmoid(t)
+    kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    return kl.sum(-1)
+
+
+def trajectory_loss(logits, target_logits, lam, tau, has_target=None, valid=None, kind=None) -> torch.Tensor:
     """The trajectory term for a batch.
 
     Args:
@@ -32,12 +67,15 @@ def trajectory_loss(logits, target_logits, lam, tau, has_target=None, valid=None
         lam, tau: lambda and the temperature.
         has_target: ``(B,)`` bool, which samples have a target (default: all; per-sample logits only).
         valid: ``(B, T)`` bool, for per-token logits: the positions to compare (default: all).
+        kind: `SOFTMAX`, `BERNOULLI` or `SQUARED_ERROR` (default: squared error for one output,
+            else softmax); see the module docstring.
     """
-    if logits.shape[-1] == 1:  # regression head: squared error to the target
-        per_row = (logits.float() - target_logits.float()).pow(2).squeeze(-1)
+    kind = kind or (SQUARED_ERROR if logits.shape[-1] == 1 else SOFTMAX)
+    if kind == SQUARED_ERROR:  # regression head: squared error to the target
+        per_row = (logits.float() - target_logits.float()).pow(2).sum(-1)
         scale = lam
     else:
-        per_row = kl_per_row(target_logits, logits, tau)
+        per_row = (bernoulli_kl_per_row if kind == BERNOULLI else kl_per_row)(target_logits, logits, tau)
         scale = lam * tau**2
     if per_row.dim() == 2:  # per token: mean over the valid positions of the batch
         mask = torch.ones_like(per_row, dtype=torch.bool) if valid is None else valid
@@ -47,9 +85,13 @@ def trajectory_loss(logits, target_logits, lam, tau, has_target=None, valid=None
     return scale * per_row.sum() / per_row.shape[0]
 
 
-def valid_positions(inputs: dict, logits: torch.Tensor, causal: bool) -> torch.Tensor | None:
+def valid_positions(inputs: Mapping, logits: torch.Tensor, causal: bool) -> torch.Tensor | None:
     """Which positions of per-token `logits` count: non-ignored labels (shifted by one for a causal
-    LM, whose position t predicts label t + 1), else the attention mask, else all."""
+    LM, whose position t predicts label t + 1, unless the batch brings its ``shift_labels``, which
+    ``ForCausalLMLoss`` then uses as they are), else the attention mask, else all."""
+    shift_labels = inputs.get("shift_labels") if causal else None
+    if shift_labels is not None and shift_labels.dim() == 2:
+        return (shift_labels != -100)[:, : logits.shape[1]]
     labels = inputs.get("labels")
     if labels is not None and labels.dim() == 2:
         if causal:
@@ -62,3 +104,99 @@ def valid_positions(inputs: dict, logits: torch.Tensor, causal: bool) -> torch.T
     if mask is not None and mask.shape[:2] == logits.shape[:2]:
         return mask.bool()
     return None
+
+
+# ---- what kind of model ------------------------------------------------------------------------
+def unwrapped(model):
+    """`model` without its PEFT wrapper, as `Trainer.compute_loss` unwraps it."""
+    return model.base_model.model if _is_peft_model(model) else model
+
+
+def is_causal_lm(model) -> bool:
+    """Whether `model` shifts its labels (position t predicts label t + 1), decided as transformers
+    decides it: `Trainer.compute_loss` shifts for label smoothing when the (PEFT-unwrapped) class is
+    in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, and `Trainer._loss_shifts_labels` (token counts) when
+    the v5 ``loss_type`` maps to ``ForCausalLMLoss`` and the model is not an encoder-decoder (whose
+    decoder input is shifted instead). Either suffices. Encoder-only per-token models (token
+    classification, masked LM) and models unknown to transformers do not shift."""
+    model = unwrapped(model)
+    if model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        return True
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not encoder_decoder
+
+
+def head_kind(model, logits: torch.Tensor) -> str:
+    """Which divergence suits `model`'s head: `BERNOULLI` for multi-label classification,
+    `SQUARED_ERROR` for regression or a single output, else `SOFTMAX`. Hugging Face models set
+    ``config.problem_type`` in their first forward, so it is known once the logits exist."""
+    problem_type = getattr(getattr(unwrapped(model), "config", None), "problem_type", None)
+    if problem_type == "multi_label_classification":
+        return BERNOULLI
+    if problem_type == "regression" or logits.shape[-1] == 1:
+        return SQUARED_ERROR
+    return SOFTMAX
+
+
+def returns_loss_first(inputs: Mapping, label_names: list[str]) -> bool:
+    """Whether a model given `inputs` puts its loss first in a tuple output: it was given its labels
+    (`Trainer.prediction_step`'s ``has_labels``); a model without label arguments must return the
+    loss the Trainer trains on, which the Trainer reads from the first entry."""
+    return not label_names or all(inputs.get(name) is not None for name in label_names)
+
+
+def logits_of(outputs, model, loss_first: bool) -> torch.Tensor:
+    """The logits in `model`'s `outputs`, read as the Trainer reads them: a dict's (a
+    `ModelOutput`'s) ``logits``; in a tuple, ``outputs[1]`` when the loss comes first
+    (`returns_loss_first`), else ``outputs[0]``. Outputs without one set of logits (question
+    answering's ``start_logits`` / ``end_logits``) are refused."""
+    name = unwrapped(model)._get_name()
+    if isinstance(outputs, Mapping):
+        if outputs.get("logits") is not None:
+            return outputs["logits"]
+        returned = f"the keys {list(outputs.keys())}"
+    elif "QuestionAnswering" in name:  # (start_logits, end_logits): the Trainer's find_labels rule
+        returned = f"a tuple of {len(outputs)} tensors (start and end logits)"
+    else:
+        return outputs[1 if loss_first else 0]
+    raise ValueError(
+        f"SAF and MESA compare the model's `logits` with a target, but {name} returned {returned} "
+        "and no `logits`. Use flat_method='sam' or 'asam' for this model."
+    )
+
+
+# ---- the methods' shared life cycle ----------------------------------------------------------------
+class TrajectoryMethod(TrainerCallback):
+    """What SAF and MESA share as `TrainerCallback`s: when training begins, whether the term can be
+    used at all in this run. If it cannot (the first epoch it could be non-zero is past the last
+    epoch, counting from 0 like ``int(state.epoch)``), warn once, keep nothing (`release`) and
+    return no term (subclasses check `active`)."""
+
+    #: the prefix of the method's arguments and its name in messages
+    prefix = ""
+    active = True
+
+    def first_epoch(self) -> int:
+        """The first epoch (from 0) in which the term can be non-zero."""
+        return self.start_epoch
+
+    def binding_arguments(self) -> dict:
+        """The argument(s) that put `first_epoch` where it is, by name, for the warning."""
+        return {f"{self.prefix}_start_epoch": self.start_epoch}
+
+    def release(self):
+        """Drop the method's state (memory, teacher)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        epochs = state.num_train_epochs
+        self.active = self.first_epoch() < epochs
+        if not self.active:
+            binding = self.binding_arguments()
+            logger.warning(
+                f"flat_method={args.flat_method!r}: {' and '.join(f'{k}={v}' for k, v in binding.items())}, but "
+                f"training runs {epochs} epoch(s), numbered 0 to {epochs - 1}, so the trajectory term (first "
+                f"possible in epoch {self.first_epoch()}) would never be used: {self.prefix.upper()} is off for "
+                f"this run and keeps nothing. Lower {' or '.join(binding)}, or train for at least "
+                f"{self.first_epoch() + 1} epochs (num_train_epochs)."
+            )
+            self.release()

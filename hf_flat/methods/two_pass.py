@@ -95,7 +95,7 @@ class TwoPassMethod(ABC):
         e = self.perturbation([named[i][0] for i in active], active_params, grads)
 
         saved = None
-        if e is not None:
+        if e:  # None: g is not finite; []: no parameter received a gradient
             with torch.no_grad():
                 saved = [p.detach().clone() for p in active_params]  # to restore w exactly
                 torch._foreach_add_(active_params, e)

@@ -1,0 +1,259 @@
+"""FlatTrainer on the rest of the Trainer's surface: hyperparameter search and `model_init`,
+repeated `train()` calls, Hub pushes, best-checkpoint selection and early stopping on averaged
+metrics, streamed data, resuming across methods, and the logging window."""
+
+import concurrent.futures
+import copy
+import logging
+import os
+import re
+import types
+
+import optuna
+import pytest
+import torch
+from transformers import EarlyStoppingCallback, TrainerCallback
+
+from hf_flat import FlatTrainer
+from helpers import RecordingCollator, TinyData, TinyNet, assert_same_weights, group_steps, reference_two_pass, sgd_args
+
+FLAT_STATE = "hf_flat_state.safetensors"
+
+
+class TrialRecorder(TrainerCallback):
+    """For every training run: its flat arguments, the index of its first recorded batch, and the
+    final weights."""
+
+    def __init__(self, collator):
+        self.collator, self.runs = collator, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.runs.append({"flat_method": args.flat_method, "sam_rho": args.sam_rho, "first": len(self.collator.batches)})
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.runs[-1]["weights"] = copy.deepcopy(model)
+        self.runs[-1]["steps"] = state.global_step
+
+
+def test_hyperparameter_search_trains_each_trial_with_its_own_flat_arguments(tmp_path):
+    """Through the Trainer's own trial set-up (optuna backend): every trial's weights equal the hand
+    reference for that trial's flat_method and sam_rho."""
+    initial, collator = TinyNet(), RecordingCollator()
+    recorder = TrialRecorder(collator)
+    trainer = FlatTrainer(
+        model_init=lambda: copy.deepcopy(initial),
+        args=sgd_args(tmp_path, flat_method="sam", sam_rho=0.05),
+        train_dataset=TinyData(), eval_dataset=TinyData(n=8, seed=5), data_collator=collator, callbacks=[recorder],
+    )
+    grid = {"flat_method": ["sam", "asam"], "sam_rho": [0.05, 2.0]}
+    trainer.hyperparameter_search(
+        hp_space=lambda trial: {name: trial.suggest_categorical(name, values) for name, values in grid.items()},
+        backend="optuna", n_trials=4, direction="minimize", sampler=optuna.samplers.GridSampler(grid),
+    )
+    tried = sorted((run["flat_method"], run["sam_rho"]) for run in recorder.runs)
+    assert tried == [("asam", 0.05), ("asam", 2.0), ("sam", 0.05), ("sam", 2.0)]
+    for run in recorder.runs:
+        batches = collator.batches[run["first"]:]
+        expected = reference_two_pass(
+            initial, group_steps(batches, 1, run["steps"]), run["flat_method"], rho=run["sam_rho"]
+        )
+        assert_same_weights(run["weights"], expected)
+
+
+def test_a_trial_with_a_bad_flat_value_is_refused():
+    args = sgd_args("unused", flat_method="sam")
+    trainer = FlatTrainer(model_init=lambda: TinyNet(), args=args, train_dataset=TinyData())
+    trainer.hp_search_backend = "wandb"  # takes the trial's dict as it is
+    with pytest.raises(ValueError, match=r"sam_rho=-1.0 is not allowed"):
+        trainer.train(trial={"sam_rho": -1.0})
+
+
+@pytest.mark.parametrize(
+    "flat_method, extra",
+    [("mesa", dict(mesa_start_epoch=1, mesa_decay=0.5)), ("saf", dict(saf_start_epoch=1, saf_past_epochs=1)),
+     ("ema", dict(average_start=0.25, ema_decay=0.5))],
+)
+def test_a_second_train_call_starts_new_flat_state(tmp_path, flat_method, extra):
+    """With `model_init` (as in every hyperparameter trial) a second `train()` equals a fresh
+    trainer's run: no MESA teacher, SAF memory or average carries over."""
+    initial = TinyNet()
+
+    def trainer_in(folder):
+        args = sgd_args(tmp_path / folder, flat_method=flat_method, num_train_epochs=3, **extra)
+        return FlatTrainer(model_init=lambda: copy.deepcopy(initial), args=args, train_dataset=TinyData())
+
+    twice = trainer_in("twice")
+    twice.train()
+    first = copy.deepcopy(twice.model)
+    twice.train()
+    fresh = trainer_in("fresh")
+    fresh.train()
+    assert_same_weights(twice.model, fresh.model, atol=0)
+    assert_same_weights(first, fresh.model, atol=0)
+
+
+class FakeHub:
+    """Stands in for `huggingface_hub.HfApi`: records the files of each uploaded folder at the
+    moment the upload starts."""
+
+    def __init__(self):
+        self.uploads = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, folder_path, path_in_repo=None, **kwargs):
+        self.uploads.append((path_in_repo, sorted(os.listdir(folder_path))))
+        done = concurrent.futures.Future()
+        done.set_result(None)
+        return done
+
+
+def test_hub_checkpoint_push_contains_the_flat_state(tmp_path, monkeypatch):
+    hub = FakeHub()
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: hub)
+    trainer = FlatTrainer(
+        model=TinyNet(),
+        args=sgd_args(tmp_path, flat_method="wasam", average_start=0.25, average_freq=1, save_strategy="steps",
+                      save_steps=2, push_to_hub=True, hub_model_id="me/tiny", hub_strategy="checkpoint"),
+        train_dataset=TinyData(),
+    )
+    trainer.train()
+    checkpoint_pushes = [files for path, files in hub.uploads if path == "last-checkpoint"]
+    assert len(checkpoint_pushes) == 2
+    assert all(FLAT_STATE in files for files in checkpoint_pushes)
+
+
+def eval_args(tmp_path, **overrides):
+    return sgd_args(
+        tmp_path, num_train_epochs=3, flat_method="swa", average_start=0.5, average_freq=1, eval_strategy="steps",
+        eval_steps=2, **overrides,
+    )
+
+
+def test_best_checkpoint_selection_on_averaged_metrics(tmp_path):
+    """save_strategy='best' with metric_for_best_model='eval_avg_loss', evaluating from step 2
+    while averaging starts at step 6: eval_avg_loss is defined throughout (the live model's until
+    the first snapshot) and selects the checkpoints."""
+    trainer = FlatTrainer(
+        model=TinyNet(), args=eval_args(tmp_path, save_strategy="best", metric_for_best_model="eval_avg_loss"),
+        train_dataset=TinyData(), eval_dataset=TinyData(n=8, seed=5),
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4, 6, 8, 10, 12]
+    assert evals[0]["eval_avg_loss"] == evals[0]["eval_loss"]  # no snapshot yet
+    assert evals[-1]["eval_avg_loss"] != evals[-1]["eval_loss"]
+    best = min(evals, key=lambda h: h["eval_avg_loss"])
+    assert trainer.state.best_metric == best["eval_avg_loss"]
+    assert trainer.state.best_global_step == best["step"]
+    assert os.path.isdir(tmp_path / f"checkpoint-{best['step']}")
+
+
+def test_early_stopping_sees_averaged_metrics(tmp_path):
+    """With an early-stopping threshold no change can pass, training stops after `patience`
+    evaluations that follow the first: it only can if the callback finds eval_avg_loss."""
+    trainer = FlatTrainer(
+        model=TinyNet(), args=eval_args(tmp_path, metric_for_best_model="eval_avg_loss"),
+        train_dataset=TinyData(), eval_dataset=TinyData(n=8, seed=5),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=2, early_stopping_threshold=1e9)],
+    )
+    trainer.train()
+    assert trainer.state.global_step == 6  # evaluations at steps 2, 4 and 6
+
+
+class EndlessStream(torch.utils.data.IterableDataset):
+    """An endless stream of TinyData's examples."""
+
+    def __iter__(self):
+        data = TinyData()
+        while True:
+            yield from (data[i] for i in range(len(data)))
+
+
+def test_batchnorm_recomputation_on_a_stream_needs_a_bound(tmp_path):
+    args = sgd_args(tmp_path, flat_method="swa", max_steps=4, average_start=0.5, average_freq=1)
+    with pytest.raises(ValueError, match="average_bn_batches"):
+        FlatTrainer(model=TinyNet(batchnorm=True), args=args, train_dataset=EndlessStream()).train()
+    # a model without BatchNorm reads nothing, so needs no bound
+    FlatTrainer(model=TinyNet(), args=args, train_dataset=EndlessStream()).train()
+
+
+def test_batchnorm_recomputation_reads_average_bn_batches(tmp_path):
+    args = sgd_args(tmp_path, flat_method="swa", max_steps=4, average_start=0.5, average_freq=1, average_bn_batches=2)
+    trainer = FlatTrainer(model=TinyNet(batchnorm=True), args=args, train_dataset=EndlessStream())
+    trainer.train()  # finishes: the stream is endless
+    assert trainer.model.bn.num_batches_tracked.item() == 2
+    bn = copy.deepcopy(trainer.model).train()
+    bn.bn.reset_running_stats()
+    bn.bn.momentum = None
+    data = TinyData()
+    with torch.no_grad():
+        bn(data.x[:4])
+        bn(data.x[4:8])
+    torch.testing.assert_close(trainer.model.bn.running_mean, bn.bn.running_mean, atol=1e-6, rtol=0)
+    torch.testing.assert_close(trainer.model.bn.running_var, bn.bn.running_var, atol=1e-6, rtol=0)
+
+
+def test_no_snapshot_warning_says_what_happened(tmp_path, caplog):
+    args = sgd_args(tmp_path, flat_method="swa", max_steps=10, num_train_epochs=3, average_start=0.75, average_freq=6)
+    trainer = FlatTrainer(model=TinyNet(), args=args, train_dataset=TinyData())
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    messages = [r.getMessage() for r in caplog.records if "average_freq=6" in r.getMessage()]
+    assert len(messages) == 2  # when training begins, and when it ends
+    assert "multiples of 6" in messages[0] and "step 8" in messages[0] and "10 optimizer steps" in messages[0]
+    assert "ended at step 10" in messages[1] and "no averaged weights were taken" in messages[1]
+    assert trainer.averaging.count == 0
+
+
+def checkpoint_of(tmp_path, flat_method, **extra):
+    folder = tmp_path / flat_method.replace("+", "_")
+    args = sgd_args(folder, flat_method=flat_method, save_strategy="steps", save_steps=2, max_steps=2, **extra)
+    FlatTrainer(model=TinyNet(), args=args, train_dataset=TinyData()).train()
+    return folder / "checkpoint-2"
+
+
+@pytest.mark.parametrize(
+    "written, resumed, problem",
+    [
+        ("sam", "sam+swa", "holds no state for swa"),
+        ("saf", "saf+swa", "holds no state for swa"),
+        ("wasam", "sam", "its state for swa would be dropped"),
+        ("saf", "mesa", "holds no state for mesa.*its state for saf would be dropped"),
+    ],
+)
+def test_resuming_with_other_flat_state_is_refused(tmp_path, written, resumed, problem):
+    checkpoint = checkpoint_of(tmp_path, written, saf_start_epoch=0)
+    args = sgd_args(tmp_path / "resumed", flat_method=resumed, max_steps=4, saf_start_epoch=0, mesa_start_epoch=0)
+    trainer = FlatTrainer(model=TinyNet(), args=args, train_dataset=TinyData())
+    with pytest.raises(ValueError, match=f"Cannot resume flat_method='{re.escape(resumed)}'.*{problem}.*Resume with the flat_method"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_resuming_with_another_stateless_method_is_allowed(tmp_path):
+    checkpoint = checkpoint_of(tmp_path, "sam")
+    assert not (checkpoint / FLAT_STATE).exists()
+    args = sgd_args(tmp_path / "resumed", flat_method="asam", max_steps=4)
+    trainer = FlatTrainer(model=TinyNet(), args=args, train_dataset=TinyData())
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 4
+
+
+def test_trajectory_loss_is_averaged_over_the_whole_logging_window(tmp_path):
+    """The term starts in epoch 1 (steps 5-8); a log every 8 steps averages it over all 8 steps,
+    as the Trainer averages `loss`, so `task_loss` = `loss` - `trajectory_loss` stays the task's."""
+
+    def run(folder, logging_steps):
+        args = sgd_args(tmp_path / folder, flat_method="mesa", mesa_start_epoch=1, num_train_epochs=2,
+                        logging_steps=logging_steps)
+        trainer = FlatTrainer(model=TinyNet(), args=args, train_dataset=TinyData())
+        trainer.train()
+        return [h for h in trainer.state.log_history if "trajectory_loss" in h]
+
+    per_step, window = run("every", 1), run("window", 8)
+    assert [h["step"] for h in window] == [8]
+    terms = {h["step"]: h["trajectory_loss"] for h in per_step}
+    assert sorted(terms) == [5, 6, 7, 8] and all(term > 0 for term in terms.values())
+    assert window[0]["trajectory_loss"] == pytest.approx(sum(terms.values()) / 8, rel=1e-5)
+    assert window[0]["task_loss"] == pytest.approx(window[0]["loss"] - window[0]["trajectory_loss"], rel=1e-6)
