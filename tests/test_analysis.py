@@ -133,3 +133,28 @@ def test_asymmetry_recomputes_batchnorm_at_every_point():
             p.add_(0.3 * d / norm)
     recompute_batchnorm(by_hand, batches_of(data))
     assert result["rises"][0][0] == pytest.approx(evaluate(by_hand, batches_of(data))["loss"] - centre, rel=1e-5)
+
+
+class TupleTinyNet(TinyNet):
+    """TinyNet answering as `return_dict=False` models do: (loss, logits)."""
+
+    def forward(self, x, labels=None):
+        outputs = super().forward(x, labels)
+        return (outputs["loss"], outputs["logits"]) if labels is not None else (outputs["logits"],)
+
+
+def test_models_returning_tuples_give_the_same_answers():
+    data = TinyData()
+    batches = lambda: [{"x": data.x[i:i + 4], "labels": data.y[i:i + 4]} for i in range(0, 16, 4)]  # noqa: E731
+    as_dict, as_tuple = TinyNet(), TupleTinyNet()
+    assert evaluate(as_tuple, batches) == evaluate(as_dict, batches)
+    assert sharpness(as_tuple, batches(), 0.1) == sharpness(as_dict, batches(), 0.1)
+    rows = interpolate(as_tuple, TupleTinyNet(seed=3), {"train": batches}, [0.0, 1.0])
+    assert rows[0]["train"] == evaluate(as_dict, batches)
+
+
+def test_interpolation_refuses_models_whose_parameters_differ():
+    a, b = TinyNet(), TinyNet()
+    b.fc1.requires_grad_(False)
+    with pytest.raises(ValueError, match="only in the first: \\['fc1.bias', 'fc1.weight'\\]"):
+        interpolate(a, b, {}, [0.5])

@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .directions import dot, trainable
-from .surface import evaluate, weights_at
+from .surface import evaluate, loss_and_logits, weights_at
 
 
 def _unit(vectors):
@@ -27,7 +27,7 @@ def _unit(vectors):
 
 def _loss_and_grad(model, batch, params):
     model.eval()
-    loss = model(**batch)["loss"].float()
+    loss = loss_and_logits(model(**batch))[0].float()
     return loss.item(), torch.autograd.grad(loss, params, allow_unused=True)
 
 
@@ -49,7 +49,7 @@ def sharpness(model, batches: list, rho: float, kind: str = "adversarial", seed:
         e = [rho * d for d in _unit(direction)]
         with weights_at(model, [w + ei for w, ei in zip(base, e)]):
             with torch.no_grad():
-                loss_e = model(**batch)["loss"].float().item()
+                loss_e = loss_and_logits(model(**batch))[0].float().item()
         diffs.append(loss_e - loss)
         perturbed.append(loss_e)
     n = len(batches)
@@ -114,7 +114,7 @@ def _hessian_vector_product(model, batches, params, v):
     count = 0
     for batch in batches():
         n = next(iter(batch.values())).shape[0]
-        loss = model(**batch)["loss"].float()
+        loss = loss_and_logits(model(**batch))[0].float()
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         pairs = [(g, vi) for g, vi in zip(grads, v) if g is not None]
         grad_dot_v = sum((g * vi).sum() for g, vi in pairs)

@@ -3,11 +3,21 @@
 model has BatchNorm (appendix A)."""
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 
 from ..averaging import recompute_batchnorm
 from .directions import plane_directions, trainable
+
+
+def loss_and_logits(outputs):
+    """The loss and the logits of a model's outputs on a batch with labels: a dict's (a
+    `ModelOutput`'s) ``loss`` and ``logits``, or a tuple's first two entries (``return_dict=False``
+    puts the loss first when the model gets its labels). Logits are None when there are none."""
+    if isinstance(outputs, Mapping):
+        return outputs["loss"], outputs.get("logits")
+    return outputs[0], (outputs[1] if len(outputs) > 1 else None)
 
 
 def accuracy(logits, labels) -> float:
@@ -23,12 +33,12 @@ def evaluate(model, batches, metric=accuracy) -> dict:
     total_loss = total_metric = count = 0.0
     has_metric = False
     for batch in batches():
-        outputs = model(**batch)
+        loss, logits = loss_and_logits(model(**batch))
         n = next(iter(batch.values())).shape[0]
-        total_loss += outputs["loss"].float().item() * n
+        total_loss += loss.float().item() * n
         labels = batch.get("labels")
-        if metric is not None and labels is not None and outputs["logits"].dim() == 2:
-            total_metric += metric(outputs["logits"], labels)
+        if metric is not None and labels is not None and logits is not None and logits.dim() == 2:
+            total_metric += metric(logits, labels)
             has_metric = True
         count += n
     result = {"loss": total_loss / count}
@@ -69,6 +79,13 @@ def grid_points(low: float, high: float, count: int) -> list[float]:
 def interpolate(model_a, model_b, eval_sets: dict, alphas, train_batches=None, metric=accuracy, progress=None):
     """theta(alpha) = (1 - alpha) theta_a + alpha theta_b for each alpha; returns, per alpha, the loss
     and metric on every data set of `eval_sets` (name -> batches function)."""
+    names_a, names_b = [n for n, _ in trainable(model_a)], [n for n, _ in trainable(model_b)]
+    if names_a != names_b:
+        raise ValueError(
+            "The two models' trainable parameters differ, so their weights cannot be paired name by name: "
+            f"only in the first: {sorted(set(names_a) - set(names_b))[:3]}, only in the second: "
+            f"{sorted(set(names_b) - set(names_a))[:3]}, or the same names in another order."
+        )
     a = [p.detach().float().clone() for _, p in trainable(model_a)]
     b = [p.detach().float() for _, p in trainable(model_b)]
     rows = []
