@@ -235,19 +235,9 @@ class FlatTrainer(Trainer):
             self._evaluating = False
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        """`Trainer.evaluation_loop`; inside `evaluate()` during training with an averaging method,
+        the averaged weights' metrics are added to the live ones."""
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        return self._with_averaged_metrics(
-            output, super().evaluation_loop, dataloader, prediction_loss_only, ignore_keys, metric_key_prefix
-        )
-
-    def prediction_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
-        output = super().prediction_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        return self._with_averaged_metrics(
-            output, super().prediction_loop, dataloader, prediction_loss_only, ignore_keys, metric_key_prefix
-        )
-
-    def _with_averaged_metrics(self, output, loop, dataloader, prediction_loss_only, ignore_keys, metric_key_prefix):
-        """Add the averaged weights' metrics to the evaluation `output` of the live weights."""
         if not (self._evaluating and self.is_in_train and self.averaging is not None):
             return output
         prefix = averaged_prefix(metric_key_prefix)
@@ -257,7 +247,9 @@ class FlatTrainer(Trainer):
         else:
             start = time.time()
             with self.averaging.swapped_in(self.model):
-                result = loop(dataloader, "Evaluation of the averaged weights", prediction_loss_only, ignore_keys, prefix)
+                result = super().evaluation_loop(
+                    dataloader, "Evaluation of the averaged weights", prediction_loss_only, ignore_keys, prefix
+                )
             averaged = {**result.metrics, **speed_metrics(prefix, start, num_samples=result.num_samples)}
         output.metrics.update(averaged)
         return output

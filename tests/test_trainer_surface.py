@@ -257,3 +257,14 @@ def test_trajectory_loss_is_averaged_over_the_whole_logging_window(tmp_path):
     assert sorted(terms) == [5, 6, 7, 8] and all(term > 0 for term in terms.values())
     assert window[0]["trajectory_loss"] == pytest.approx(sum(terms.values()) / 8, rel=1e-5)
     assert window[0]["task_loss"] == pytest.approx(window[0]["loss"] - window[0]["trajectory_loss"], rel=1e-6)
+
+
+def test_averaged_metrics_only_during_training(tmp_path):
+    trainer = FlatTrainer(
+        model=TinyNet(), args=eval_args(tmp_path),
+        train_dataset=TinyData(), eval_dataset=TinyData(n=8, seed=5),
+    )
+    trainer.train()
+    last = [h for h in trainer.state.log_history if "eval_loss" in h][-1]
+    assert last["step"] == 12 and last["eval_avg_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], abs=1e-6)
+    assert "eval_avg_loss" not in trainer.predict(TinyData(n=8, seed=5)).metrics  # after training: no second set
