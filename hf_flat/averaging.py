@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import get_ema_multi_avg_fn, get_swa_multi_avg_fn
 from transformers import TrainerCallback
+from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -111,7 +112,13 @@ class WeightAveraging(TrainerCallback):
         self.params: dict[str, nn.Parameter] = {}  # the model's parameters by name, set when training begins
 
     # ---- schedule ------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if self.method == "swa" and self.freq == 0 and train_dataloader is not None and not has_length(train_dataloader):
+            raise ValueError(
+                f"flat_method={args.flat_method!r} with average_freq=0 takes a snapshot at the end of every epoch, but "
+                "the training data has no length (an IterableDataset), so the Trainer cannot tell where an epoch "
+                "ends. Set average_freq to the number of optimizer steps between snapshots."
+            )
         self.start_step = max(1, math.ceil(self.start * state.max_steps))
         self.params = dict(model.named_parameters())
         self._check_restored_average()
@@ -238,6 +245,12 @@ class WeightAveraging(TrainerCallback):
         if not self.count:
             logger.warning(self.no_snapshot_message(args.flat_method, state.global_step, ended=True))
             return
+        if self.method == "swa" and self.count == 1:
+            logger.warning(
+                f"flat_method={args.flat_method!r}: SWA took a single snapshot (steps {self.start_step} to "
+                f"{state.global_step}, average_start={self.start}, average_freq={self.freq}), so the averaged "
+                "model is the weights of that one step. Lower average_start, set average_freq, or train more epochs."
+            )
         self.copy_to(model)
 
     # ---- checkpoints ---------------------------------------------------------------------

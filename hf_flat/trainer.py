@@ -8,6 +8,7 @@ accumulation, clipping, mixed precision, DDP, checkpoints, evaluation) is the Tr
 
 import dataclasses
 import itertools
+import math
 import os
 import time
 
@@ -16,7 +17,9 @@ from accelerate.utils import DistributedType
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, speed_metrics
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR, default_compute_objective, get_last_checkpoint, speed_metrics,
+)
 from transformers.utils import logging
 
 from .args import FlatArgumentsMixin, FlatTrainingArguments, flat_arguments_class
@@ -73,6 +76,7 @@ class FlatTrainer(Trainer):
         self._sample_indices = None  # SAF: the current micro-batch's indices in train_dataset
         self._training_micro_batch = False
         self._evaluating = False  # inside evaluate(): evaluation loops also evaluate the average
+        self._averaged_eval_seconds = {}  # metric prefix -> seconds its averaged evaluation took
         self._set_up_flat_methods()
 
     # ---- the methods -----------------------------------------------------------------------
@@ -92,8 +96,9 @@ class FlatTrainer(Trainer):
         self.trajectory = build_trajectory(self.args)
         self.averaging = build_averaging(self.args, self._batchnorm_batches)
         self._flat_callbacks = [m for m in (self.trajectory, self.averaging) if isinstance(m, TrainerCallback)]
-        for callback in self._flat_callbacks:
-            self.add_callback(callback)
+        # First in line, so every other callback sees their work: at on_train_end the model already
+        # holds the averaged weights (reporting integrations, a callback that saves the model).
+        self.callback_handler.callbacks[:0] = self._flat_callbacks
         if self._flat_checkpoint:
             self._load_flat_state(self._flat_checkpoint)
 
@@ -108,6 +113,13 @@ class FlatTrainer(Trainer):
         self._set_up_flat_methods()
         self._check_training_setup()
         return super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval, **kwargs)
+
+    def hyperparameter_search(self, hp_space=None, compute_objective=None, *args, **kwargs):
+        """`Trainer.hyperparameter_search`. The default objective is the Trainer's, computed on the
+        live weights' metrics: to optimise an averaged metric, pass e.g.
+        ``compute_objective=lambda metrics: metrics["eval_avg_loss"]``."""
+        objective = compute_objective or objective_of_live_metrics
+        return super().hyperparameter_search(hp_space, objective, *args, **kwargs)
 
     def _hp_search_setup(self, trial):
         """The Trainer puts a hyperparameter trial's values on `self.args` here (a private member of
@@ -144,6 +156,7 @@ class FlatTrainer(Trainer):
         logits = logits_of(outputs, self.model, returns_loss_first(inputs, self.label_names))
         term = self.trajectory.term(self, logits, teacher_inputs)
         if term is not None:
+            self.trajectory.used = True
             accumulation = self.current_gradient_accumulation_steps
             if self._loss_is_scaled_for_ga(num_items_in_batch):
                 term = term / accumulation  # the Trainer will not divide this loss by the accumulation steps
@@ -250,7 +263,10 @@ class FlatTrainer(Trainer):
                 result = super().evaluation_loop(
                     dataloader, "Evaluation of the averaged weights", prediction_loss_only, ignore_keys, prefix
                 )
-            averaged = {**result.metrics, **speed_metrics(prefix, start, num_samples=result.num_samples)}
+            steps = math.ceil(result.num_samples / (self.args.eval_batch_size * self.args.world_size))
+            averaged = {**result.metrics, **speed_metrics(prefix, start, result.num_samples, steps)}
+            # `evaluate` times both passes together: `log` takes this one out of the live speed metrics
+            self._averaged_eval_seconds[metric_key_prefix] = time.time() - start
         output.metrics.update(averaged)
         return output
 
@@ -328,6 +344,9 @@ class FlatTrainer(Trainer):
         self._log_sums[name] += value.detach().float()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for prefix, seconds in self._averaged_eval_seconds.items():
+            _exclude_from_speed_metrics(logs, prefix, seconds)
+        self._averaged_eval_seconds = {}
         if "loss" in logs and self._log_steps > 0:  # averages over the whole logging window
             for name, total in self._log_sums.items():
                 logs[name] = self.accelerator.reduce(total.clone(), reduction="mean").item() / self._log_steps
@@ -342,9 +361,27 @@ class FlatTrainer(Trainer):
 
 def averaged_prefix(metric_key_prefix: str) -> str:
     """``eval`` -> ``eval_avg``, ``eval_a`` -> ``eval_avg_a``, ``test`` -> ``test_avg``."""
-    if metric_key_prefix.startswith("eval"):
+    if metric_key_prefix == "eval" or metric_key_prefix.startswith("eval_"):
         return metric_key_prefix.replace("eval", "eval_avg", 1)
     return f"{metric_key_prefix}_avg"
+
+
+def _exclude_from_speed_metrics(logs: dict, prefix: str, seconds: float):
+    """Take `seconds` out of the speed metrics `Trainer.evaluate` computed for `prefix` (in place)."""
+    runtime = logs.get(f"{prefix}_runtime")
+    if runtime is None:
+        return
+    live = max(runtime - seconds, 1e-4)
+    logs[f"{prefix}_runtime"] = round(live, 4)
+    for key in (f"{prefix}_samples_per_second", f"{prefix}_steps_per_second"):
+        if key in logs:
+            logs[key] = round(logs[key] * runtime / live, 3)
+
+
+def objective_of_live_metrics(metrics: dict[str, float]) -> float:
+    """`default_compute_objective` on the live weights' metrics only (without ``*_avg_*``), so that
+    averaging does not change what a hyperparameter search optimises by default."""
+    return default_compute_objective({k: v for k, v in metrics.items() if not k.startswith("eval_avg_")})
 
 
 def part_kinds(part) -> set[str]:

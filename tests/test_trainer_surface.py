@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import re
+import time
 import types
 
 import optuna
@@ -125,10 +126,9 @@ def test_hub_checkpoint_push_contains_the_flat_state(tmp_path, monkeypatch):
 
 
 def eval_args(tmp_path, **overrides):
-    return sgd_args(
-        tmp_path, num_train_epochs=3, flat_method="swa", average_start=0.5, average_freq=1, eval_strategy="steps",
-        eval_steps=2, **overrides,
-    )
+    values = dict(num_train_epochs=3, flat_method="swa", average_start=0.5, average_freq=1, eval_strategy="steps",
+                  eval_steps=2)
+    return sgd_args(tmp_path, **{**values, **overrides})
 
 
 def test_best_checkpoint_selection_on_averaged_metrics(tmp_path):
@@ -268,3 +268,68 @@ def test_averaged_metrics_only_during_training(tmp_path):
     last = [h for h in trainer.state.log_history if "eval_loss" in h][-1]
     assert last["step"] == 12 and last["eval_avg_loss"] == pytest.approx(trainer.evaluate()["eval_loss"], abs=1e-6)
     assert "eval_avg_loss" not in trainer.predict(TinyData(n=8, seed=5)).metrics  # after training: no second set
+
+
+class SeesTheFinalModel(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.weights = copy.deepcopy(model.state_dict())
+
+
+def test_callbacks_added_later_see_the_averaged_weights_at_train_end(tmp_path):
+    trainer = FlatTrainer(model=TinyNet(), args=eval_args(tmp_path, eval_strategy="no"), train_dataset=TinyData())
+    late = SeesTheFinalModel()
+    trainer.add_callback(late)
+    trainer.train()
+    assert trainer.averaging.count == 7
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(late.weights[k], v)
+
+
+def test_live_speed_metrics_leave_out_the_averaged_evaluation(tmp_path, monkeypatch):
+    from hf_flat.averaging import WeightAveraging
+
+    swapped_in = WeightAveraging.swapped_in
+
+    def slow_swap(self, model):
+        time.sleep(0.5)
+        return swapped_in(self, model)
+
+    monkeypatch.setattr(WeightAveraging, "swapped_in", slow_swap)
+    trainer = FlatTrainer(model=TinyNet(), args=eval_args(tmp_path), train_dataset=TinyData(),
+                          eval_dataset=TinyData(n=8, seed=5))
+    trainer.train()
+    last = [h for h in trainer.state.log_history if "eval_loss" in h][-1]
+    assert last["eval_avg_runtime"] >= 0.5 > last["eval_runtime"]
+    assert last["eval_samples_per_second"] == pytest.approx(8 / last["eval_runtime"], rel=0.05)
+    assert "eval_avg_steps_per_second" in last
+
+
+def test_hyperparameter_search_objective_defaults_to_the_live_metrics(tmp_path):
+    trainer = FlatTrainer(model_init=lambda: TinyNet(), args=eval_args(tmp_path), train_dataset=TinyData(),
+                          eval_dataset=TinyData(n=8, seed=5))
+    best = trainer.hyperparameter_search(hp_space=lambda trial: {}, backend="optuna", n_trials=1)
+    last = [h for h in trainer.state.log_history if "eval_loss" in h][-1]
+    assert best.objective == last["eval_loss"] != last["eval_avg_loss"]
+
+
+def test_a_single_swa_snapshot_is_reported(tmp_path, caplog):
+    """The defaults (3 epochs, average_start 0.75, one snapshot per epoch) give one snapshot."""
+    trainer = FlatTrainer(model=TinyNet(), args=sgd_args(tmp_path, flat_method="swa", num_train_epochs=3),
+                          train_dataset=TinyData())
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert trainer.averaging.count == 1
+    assert any("SWA took a single snapshot" in r.getMessage() for r in caplog.records)
+
+
+def test_epoch_snapshots_on_a_stream_are_refused(tmp_path):
+    args = sgd_args(tmp_path, flat_method="swa", max_steps=4, average_start=0.5)
+    with pytest.raises(ValueError, match="average_freq=0 takes a snapshot at the end of every epoch"):
+        FlatTrainer(model=TinyNet(), args=args, train_dataset=EndlessStream()).train()
+
+
+def test_a_trajectory_term_that_never_started_is_reported(tmp_path, caplog):
+    args = sgd_args(tmp_path, flat_method="mesa", max_steps=6, mesa_start_epoch=1)
+    with caplog.at_level(logging.WARNING):
+        FlatTrainer(model=TinyNet(), args=args, train_dataset=EndlessStream()).train()
+    assert any("MESA never changed the loss" in r.getMessage() for r in caplog.records)

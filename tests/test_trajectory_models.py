@@ -39,6 +39,11 @@ def peft_gpt2():
 def test_only_causal_lms_shift_their_labels():
     t5 = T5ForConditionalGeneration(T5Config(vocab_size=20, d_model=8, d_ff=16, d_kv=4, num_layers=1, num_heads=2))
     assert is_causal_lm(gpt2()) and is_causal_lm(peft_gpt2())
+
+    class MyCausalLM(GPT2LMHeadModel):  # a user's subclass: its own name is in no mapping
+        pass
+
+    assert is_causal_lm(MyCausalLM(gpt2().config))
     for model in (BertForTokenClassification(bert_config()), BertForMaskedLM(bert_config()), t5, TinyNet()):
         assert not is_causal_lm(model), type(model).__name__
 

@@ -79,15 +79,15 @@ def grid_points(low: float, high: float, count: int) -> list[float]:
 def interpolate(model_a, model_b, eval_sets: dict, alphas, train_batches=None, metric=accuracy, progress=None):
     """theta(alpha) = (1 - alpha) theta_a + alpha theta_b for each alpha; returns, per alpha, the loss
     and metric on every data set of `eval_sets` (name -> batches function)."""
-    names_a, names_b = [n for n, _ in trainable(model_a)], [n for n, _ in trainable(model_b)]
-    if names_a != names_b:
+    named_a, named_b = dict(trainable(model_a)), dict(trainable(model_b))
+    if named_a.keys() != named_b.keys():
         raise ValueError(
             "The two models' trainable parameters differ, so their weights cannot be paired name by name: "
-            f"only in the first: {sorted(set(names_a) - set(names_b))[:3]}, only in the second: "
-            f"{sorted(set(names_b) - set(names_a))[:3]}, or the same names in another order."
+            f"only in the first: {sorted(named_a.keys() - named_b.keys())[:3]}, only in the second: "
+            f"{sorted(named_b.keys() - named_a.keys())[:3]}."
         )
-    a = [p.detach().float().clone() for _, p in trainable(model_a)]
-    b = [p.detach().float() for _, p in trainable(model_b)]
+    a = [p.detach().float().clone() for p in named_a.values()]
+    b = [named_b[name].detach().float() for name in named_a]  # paired by name
     rows = []
     for alpha in alphas:
         point = [(1 - alpha) * x + alpha * y for x, y in zip(a, b)]

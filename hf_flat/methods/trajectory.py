@@ -120,7 +120,8 @@ def is_causal_lm(model) -> bool:
     decoder input is shifted instead). Either suffices. Encoder-only per-token models (token
     classification, masked LM) and models unknown to transformers do not shift."""
     model = unwrapped(model)
-    if model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if any(cls.__name__ in causal_names for cls in type(model).__mro__):  # also a user's subclass of one
         return True
     encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not encoder_decoder
@@ -175,6 +176,7 @@ class TrajectoryMethod(TrainerCallback):
     #: the prefix of the method's arguments and its name in messages
     prefix = ""
     active = True
+    used = False  # whether the term was computed in this run (set by the trainer)
 
     def first_epoch(self) -> int:
         """The first epoch (from 0) in which the term can be non-zero."""
@@ -187,7 +189,17 @@ class TrajectoryMethod(TrainerCallback):
     def release(self):
         """Drop the method's state (memory, teacher)."""
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.active and not self.used:
+            logger.warning(
+                f"flat_method={args.flat_method!r}: training ended in epoch {int(state.epoch or 0)} (from 0) before "
+                f"the trajectory term's first epoch {self.first_epoch()}, so {self.prefix.upper()} never changed the "
+                f"loss. Lower {' or '.join(self.binding_arguments())}. (With an IterableDataset without a length, "
+                "the epoch only advances when the stream ends.)"
+            )
+
     def on_train_begin(self, args, state, control, **kwargs):
+        self.used = False
         epochs = state.num_train_epochs
         self.active = self.first_epoch() < epochs
         if not self.active:
