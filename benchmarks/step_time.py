@@ -48,6 +48,9 @@ def parse():
     parser.add_argument("--epoch_steps", type=int, default=5, help="optimizer steps per epoch (SWA snapshots)")
     parser.add_argument("--steps", type=int, default=15, help="optimizer steps timed (after --warmup)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--model", default="roberta", choices=["roberta", "vit"],
+                        help="roberta: random tokens, --seq long; vit: random 224x224 images, patch 16 (ViT-B/16 at "
+                        "--hidden 768 --layers 12)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8000)
@@ -72,7 +75,9 @@ def rss_mb():
 def run_one(opts):
     """Train with one method in this process and print a JSON line with the measurements."""
     import torch
-    from transformers import RobertaConfig, RobertaForSequenceClassification, Trainer, TrainerCallback
+    from transformers import (
+        RobertaConfig, RobertaForSequenceClassification, Trainer, TrainerCallback, ViTConfig, ViTForImageClassification,
+    )
 
     from hf_flat import FlatTrainer, TrainingArguments
 
@@ -96,13 +101,27 @@ def run_one(opts):
         def __getitem__(self, i):
             return {"input_ids": self.ids[i], "labels": int(self.ids[i, 0] % 2)}
 
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, n):
+            g = torch.Generator().manual_seed(0)
+            self.pixels = torch.randn(n, 3, 224, 224, generator=g)
+
+        def __len__(self):
+            return len(self.pixels)
+
+        def __getitem__(self, i):
+            return {"pixel_values": self.pixels[i], "labels": i % 10}
+
     torch.manual_seed(0)
-    config = RobertaConfig(
-        vocab_size=opts.vocab, hidden_size=opts.hidden, num_hidden_layers=opts.layers,
-        num_attention_heads=max(1, opts.hidden // 64), intermediate_size=4 * opts.hidden,
-        max_position_embeddings=opts.seq + 2, num_labels=2,
-    )
-    model = RobertaForSequenceClassification(config)
+    sizes = dict(hidden_size=opts.hidden, num_hidden_layers=opts.layers, num_attention_heads=max(1, opts.hidden // 64),
+                 intermediate_size=4 * opts.hidden)
+    if opts.model == "vit":
+        model = ViTForImageClassification(ViTConfig(image_size=224, patch_size=16, num_labels=10, **sizes))
+        Data = Images
+    else:
+        config = RobertaConfig(vocab_size=opts.vocab, max_position_embeddings=opts.seq + 2, num_labels=2, **sizes)
+        model = RobertaForSequenceClassification(config)
+        Data = Tokens
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2**20
     steps = opts.warmup + opts.steps if opts.measure == "time" else opts.memory_steps
     flat = PRESETS[opts.child] or {}
@@ -116,7 +135,7 @@ def run_one(opts):
     timer = Timer()
     trainer_cls = FlatTrainer if flat else Trainer
     trainer = trainer_cls(
-        model=model, args=args, train_dataset=Tokens(opts.epoch_steps * opts.batch * opts.grad_accum),
+        model=model, args=args, train_dataset=Data(opts.epoch_steps * opts.batch * opts.grad_accum),
         callbacks=[timer],
     )
     # Time spent in the method's own per-step work, measured inside the run: the averaging
@@ -134,12 +153,18 @@ def run_one(opts):
 
         return wrapper
 
-    if getattr(trainer, "averaging", None) is not None:
-        trainer.averaging.on_step_end = timed(trainer.averaging.on_step_end)
-    if getattr(trainer, "trajectory", None) is not None:
-        trainer.trajectory.term = timed(trainer.trajectory.term)
-        if hasattr(trainer.trajectory, "on_step_end"):
-            trainer.trajectory.on_step_end = timed(trainer.trajectory.on_step_end)
+    class TimeTheMethods(TrainerCallback):
+        """Wraps the method objects of this run: `train()` builds them when training starts."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if getattr(trainer, "averaging", None) is not None:
+                trainer.averaging.on_step_end = timed(trainer.averaging.on_step_end)
+            if getattr(trainer, "trajectory", None) is not None:
+                trainer.trajectory.term = timed(trainer.trajectory.term)
+                if hasattr(trainer.trajectory, "on_step_end"):
+                    trainer.trajectory.on_step_end = timed(trainer.trajectory.on_step_end)
+
+    trainer.add_callback(TimeTheMethods())
     cuda = torch.cuda.is_available()
     if cuda:
         model.cuda()
@@ -155,6 +180,7 @@ def run_one(opts):
         return
     times = [b - a for a, b in zip(timer.ends[opts.warmup - 1 :], timer.ends[opts.warmup :])]
     print("RESULT " + json.dumps({
+        **({"peak_extra_mb": peak - before} if cuda else {}),  # on CUDA the timing run's own peak is exact
         "method": opts.child,
         "step_ms": 1000 * statistics.median(times),
         "saf_memory_mb": trainer.trajectory.nbytes / 2**20 if hasattr(getattr(trainer, "trajectory", None), "nbytes") else None,
@@ -196,13 +222,14 @@ def main():
             # a fixed mmap threshold makes glibc return every large freed block at once, so the
             # resident size follows the live tensors and ru_maxrss is a true peak
             best.update(child(opts, method, "memory", MALLOC_MMAP_THRESHOLD_="65536"))
-        else:
+        elif "peak_extra_mb" not in best:
             best.update(child(opts, method, "memory"))
         results.append(best)
 
     base = next((r for r in results if r["method"] == "plain"), results[0])
-    print(f"\nDevice: {base['device']}, torch {base['torch']}; RoBERTa hidden={opts.hidden} layers={opts.layers} "
-          f"seq={opts.seq} batch={opts.batch} grad_accum={opts.grad_accum}"
+    shape = f"seq={opts.seq}" if opts.model == "roberta" else "224x224 images, patch 16"
+    print(f"\nDevice: {base['device']}, torch {base['torch']}; {opts.model} hidden={opts.hidden} layers={opts.layers} "
+          f"{shape} batch={opts.batch} grad_accum={opts.grad_accum}"
           f"{' fp16' if opts.fp16 else ''}{' bf16' if opts.bf16 else ''}; trainable weights {base['trainable_mb']:.1f} MB; "
           f"median of {opts.steps} steps, fastest of {opts.rounds} rounds\n")
     print("| method | step time (ms) | vs plain Trainer | method's own work per step (ms, % of plain step) "

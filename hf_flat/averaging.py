@@ -1,9 +1,11 @@
 """Weight averaging along the training trajectory, as a `TrainerCallback`.
 
-- **SWA** (Izmailov et al., 2018; seed 000 Algorithm 1 lines 7-9): a running mean of snapshots
+- **SWA** (Izmailov, Podoprikhin, Garipov, Vetrov, Wilson, "Averaging Weights Leads to Wider Optima
+  and Better Generalization", UAI 2018, arXiv 1803.05407): a running mean of snapshots
   of the weights, ``avg = (n * avg + w) / (n + 1)``, one snapshot after optimizer step ``t`` iff
   ``t >= start_step`` and ``t % average_freq == 0`` (or, for ``average_freq = 0``, ``t`` ends an
-  epoch). Combined with SAM this is WASAM (seed 000, Algorithm 1).
+  epoch). Combined with SAM this is WASAM (Kaddour, Liu, Silva, Kusner, "When Do Flat Minima
+  Optimizers Work?", NeurIPS 2022, arXiv 2202.00661, Algorithm 1 lines 7-9).
 - **EMA**: ``v = decay * v + (1 - decay) * w`` after every optimizer step after ``start_step``,
   with ``v = w`` at ``start_step``.
 

@@ -168,8 +168,9 @@ class FlatTrainer(Trainer):
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """Whether the Trainer leaves this loss undivided by the accumulation steps (its own rule)."""
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.2x sets it; earlier 5.x has the rule below
+        if scaled is not None:
+            return scaled
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     def get_train_dataloader(self):
@@ -226,7 +227,7 @@ class FlatTrainer(Trainer):
         if (
             self.is_fsdp_enabled
             or distributed in (DistributedType.FSDP, DistributedType.MEGATRON_LM)
-            or self.is_distributed_loading_by_transformers
+            or getattr(self, "is_distributed_loading_by_transformers", False)  # (not in every transformers 5.x)
         ):
             raise ValueError(
                 f"flat_method={method!r} is not supported with sharded training (FSDP, Megatron-LM, or a "

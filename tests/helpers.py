@@ -101,8 +101,11 @@ def reference_two_pass(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
 
+    device = next(model.parameters()).device  # the reference runs where `model` lives (CPU or CUDA)
+
     def loss_of(batch, k):
-        ctx = torch.autocast("cpu", dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
+        batch = {key: value.to(device) for key, value in batch.items()}
+        ctx = torch.autocast(device.type, dtype=autocast) if autocast else torch.autocast(device.type, enabled=False)
         with ctx:
             return model(**batch)["loss"].float() / k
 

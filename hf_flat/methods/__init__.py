@@ -17,7 +17,7 @@ PERTURBATIONS = {
 }
 
 
-#: methods that add a trajectory loss instead of a second pass (seed 003).
+#: methods that add a trajectory loss instead of a second pass (Du et al., NeurIPS 2022, arXiv 2205.14083).
 TRAJECTORIES = {
     "saf": lambda args: SAF(args.saf_lambda, args.saf_tau, args.saf_start_epoch, args.saf_past_epochs),
     "mesa": lambda args: MESA(args.mesa_lambda, args.mesa_tau, args.mesa_decay, args.mesa_start_epoch),

@@ -1,10 +1,14 @@
 """SAM and ASAM: the perturbation ``e`` of one micro-batch.
 
-SAM (Foret et al., 2021, eq. 2; seed 000 Algorithm 1 line 5):
+SAM (Foret, Kleiner, Mobahi, Neyshabur, "Sharpness-Aware Minimization for Efficiently Improving
+Generalization", ICLR 2021, arXiv 2010.01412, eq. 2; Kaddour et al. 2022, arXiv 2202.00661,
+Algorithm 1 line 5):
 
     e = rho * g / ||g||_2
 
-ASAM (Kwon et al., 2021, eq. 11 with T_w = |w| + eta, as in the official SamsungLabs code):
+ASAM (Kwon, Kim, Park, Choi, "ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning
+of Deep Neural Networks", ICML 2021, arXiv 2102.11600, eq. 11 with T_w = |w| + eta, as in the official
+SamsungLabs code):
 
     e = rho * T^2 g / ||T g||_2,   T = |w| + eta for parameters whose name contains "weight",
                                    T = 1 for the others (biases, ...)
