@@ -1,14 +1,15 @@
 """`hf-flat`: loss-surface analysis of saved models from the command line.
 
     hf-flat interpolate MODEL_A MODEL_B --data digits --output_dir out/interp
-    hf-flat plane MODEL --data glue --data_config sst2 --output_dir out/plane
-    hf-flat sharpness MODEL --data my_data/ --rho 0.05 --m 128 --n 4 --output_dir out/sharp
+    hf-flat plane MODEL --data glue --data_config sst2 --eval_split validation --output_dir out/plane
+    hf-flat sharpness MODEL --data my_data.csv --rho 0.05 --m 128 --n 4 --output_dir out/sharp
     hf-flat compare --script examples/vit/run_vit.py --methods none sam ... (see `hf-flat compare -h`)
 
-MODEL is a `save_pretrained` folder or a Trainer checkpoint. --data is `digits` (built in), a
-`datasets` name, a local CSV / JSON file or folder (train.csv, test.csv), or an image folder;
-text and images are processed with the model folder's own tokenizer / image processor. Every
-number goes to `<output_dir>/results.json`, the plots to PNG files beside it.
+MODEL is a `save_pretrained` folder or a Trainer checkpoint (with `--weights averaged`, the SWA /
+EMA / WASAM average a checkpoint holds). --data is `digits` (built in), a local CSV / JSON file
+(used as both the train and the test set) or folder (train.csv, test.csv), an image folder, or a
+`datasets` name; text and images are processed with the model folder's own tokenizer / image
+processor. Every number goes to `<output_dir>/results.json`, the plots to PNG files beside it.
 """
 
 import argparse
@@ -19,74 +20,178 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
+from .data import UsageError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's layout and shows every flag's default (a help text that names its
+    default in words, or a flag without one, shows none)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def model_folder(path):
+    """Refuse, in one line, a MODEL that is no saved model folder."""
+    if not os.path.isdir(path):
+        raise UsageError(f"{path}: no such model folder; pass a folder written by save_pretrained or a Trainer "
+                         "checkpoint (OUTPUT_DIR/checkpoint-N).")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        checkpoints = sorted((n for n in os.listdir(path) if n.startswith("checkpoint-")),
+                             key=lambda n: int(n.split("-")[-1]) if n.split("-")[-1].isdigit() else -1)
+        hint = f"; its checkpoints: {', '.join(checkpoints)}" if checkpoints else ""
+        raise UsageError(f"{path} has no config.json, so it holds no saved model: pass a save_pretrained folder or a "
+                         f"checkpoint-N folder{hint}.")
+    return path
+
 
 def load_model(path, device):
     from transformers import AutoConfig
     import transformers
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(model_folder(path))
     architecture = (config.architectures or [None])[0]
     if architecture is None or not hasattr(transformers, architecture):
-        raise ValueError(f"{path}: config.json names no transformers architecture ({config.architectures!r}).")
+        raise UsageError(f"{path}: config.json names no transformers architecture ({config.architectures!r}).")
     return getattr(transformers, architecture).from_pretrained(path).to(device).eval()
 
 
+def flat_state_file(path) -> str:
+    """The checkpoint's hf_flat_state.safetensors, which --weights averaged reads."""
+    from .trainer import FLAT_STATE_NAME
+
+    file = os.path.join(path, FLAT_STATE_NAME)
+    if not os.path.isfile(file):
+        raise UsageError(f"{path} has no {FLAT_STATE_NAME}: --weights averaged needs a Trainer checkpoint of an "
+                         "averaging run (swa, ema, wasam, ...); the final model such a run saves already holds the "
+                         "average, so use --weights live for it.")
+    return file
+
+
+def load_average(model, path) -> str:
+    """Copy the averaged weights (SWA / EMA / WASAM) that the checkpoint `path` holds in
+    hf_flat_state.safetensors (`averaging.<parameter name>`) into `model`; return a description."""
+    from .averaging import load_flat_state
+
+    file = flat_state_file(path)
+    tensors, meta = load_flat_state(file)
+    average = {k[len("averaging."):]: v for k, v in tensors.items() if k.startswith("averaging.")}
+    if not average:
+        raise UsageError(f"{file} holds no averaged weights (flat_method={meta.get('flat_method')!r}: no averaging, "
+                         "or no snapshot taken yet); use --weights live.")
+    params = dict(model.named_parameters())
+    unknown = sorted(set(average) - set(params))
+    if unknown:
+        raise UsageError(f"{file}: the average holds parameter {unknown[0]}, which the model in {path} lacks.")
+    with torch.no_grad():
+        for name, value in average.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    return (f"averaged ({meta.get('averaging', meta.get('flat_method'))}, {meta.get('averaging_count', '?')} "
+            f"snapshots/updates, from {file})")
+
+
+def model_name(path, weights="live") -> str:
+    """A short name for plots and summaries: the folder, with its parent for a checkpoint."""
+    parts = os.path.normpath(path).split(os.sep)
+    name = os.sep.join(parts[-2:]) if parts[-1].startswith("checkpoint-") and len(parts) > 1 else parts[-1]
+    return f"{name} (averaged weights)" if weights == "averaged" else name
+
+
 def data_arguments(parser):
-    parser.add_argument("--data", required=True, help="'digits', a datasets name, a local CSV/JSON file or folder, or an image folder")
-    parser.add_argument("--data_config", default=None, help="the datasets configuration, e.g. 'sst2' for glue")
-    parser.add_argument("--train_split", default="train")
-    parser.add_argument("--eval_split", default="test", help="the test / validation split")
-    parser.add_argument("--text_column", default=None)
-    parser.add_argument("--text_pair_column", default=None)
-    parser.add_argument("--label_column", default="label")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--max_train_samples", type=int, default=None, help="evaluate on the first N training examples")
-    parser.add_argument("--max_eval_samples", type=int, default=None)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data", required=True,
+                        help="'digits', a local CSV/JSON file (both train and test set) or folder of train.*/test.* "
+                             "files, an image folder, or a datasets name")
+    parser.add_argument("--data_config", default=None, help="the datasets configuration, e.g. 'sst2' for glue (default: none)")
+    parser.add_argument("--train_split", default="train", help="the split used as the training set")
+    parser.add_argument("--eval_split", default="test", help="the test split ('validation' is taken if there is no test)")
+    parser.add_argument("--text_column", default=None, help="the text column (default: the first column of strings)")
+    parser.add_argument("--text_pair_column", default=None, help="the second text column of sentence pairs (default: none)")
+    parser.add_argument("--label_column", default="label",
+                        help="the label column: class ids, or strings found in the model config's label2id")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="tokens per text (default and cap: the tokenizer's model_max_length and the model's "
+                             "max_position_embeddings)")
+    parser.add_argument("--batch_size", type=int, default=128, help="examples per evaluation batch")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="use the first N training examples (default: all)")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="use the first N test examples (default: all)")
+    parser.add_argument("--output_dir", required=True, help="where results.json and the plots go")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random directions and batches")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+
+
+def weights_argument(parser, two_models=False):
+    """--weights: the live weights or the average a checkpoint keeps (one value per model, or one for both)."""
+    help = ("'live': the weights as saved; 'averaged': the SWA / EMA / WASAM average in a checkpoint's "
+            "hf_flat_state.safetensors" + ("; one value for both models, or one for A and one for B" if two_models else ""))
+    parser.add_argument("--weights", choices=("live", "averaged"), default="live", nargs="+" if two_models else None,
+                        help=help)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="hf-flat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="hf-flat", description=__doc__, formatter_class=HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("interpolate", help="loss and metric along (1 - alpha) A + alpha B")
-    p.add_argument("model_a")
-    p.add_argument("model_b")
-    p.add_argument("--alpha_min", type=float, default=-1.0)
-    p.add_argument("--alpha_max", type=float, default=1.5)
-    p.add_argument("--points", type=int, default=26)
+    p = commands.add_parser("interpolate", help="loss and metric along (1 - alpha) A + alpha B", formatter_class=HelpFormatter)
+    p.add_argument("model_a", help="model A (alpha 0): a save_pretrained folder or checkpoint")
+    p.add_argument("model_b", help="model B (alpha 1)")
+    p.add_argument("--alpha_min", type=float, default=-1.0, help="first alpha")
+    p.add_argument("--alpha_max", type=float, default=1.5, help="last alpha")
+    p.add_argument("--points", type=int, default=26, help="evenly spaced alphas (26 puts 0 and 1 on the grid)")
+    weights_argument(p, two_models=True)
     data_arguments(p)
 
-    p = commands.add_parser("plane", help="loss and metric on a 2-D plane of filter-normalised directions")
-    p.add_argument("model")
-    p.add_argument("--steps", type=int, default=20, help="grid points per axis")
+    p = commands.add_parser("plane", help="loss and metric on a 2-D plane of filter-normalised directions",
+                            formatter_class=HelpFormatter)
+    p.add_argument("model", help="a save_pretrained folder or checkpoint")
+    p.add_argument("--steps", type=int, default=21, help="grid points per axis (odd: the model itself is a grid point)")
     p.add_argument("--span", type=float, default=1.0, help="the grid covers [-span, span]^2")
+    weights_argument(p)
     data_arguments(p)
 
-    p = commands.add_parser("sharpness", help="m-sharpness, asymmetry factor and top Hessian eigenvalue")
-    p.add_argument("model")
-    p.add_argument("--rho", type=float, default=0.05)
+    p = commands.add_parser("sharpness", help="m-sharpness, asymmetry factor and top Hessian eigenvalue",
+                            formatter_class=HelpFormatter)
+    p.add_argument("model", help="a save_pretrained folder or checkpoint")
+    p.add_argument("--rho", type=float, default=0.05, help="radius of the sharpness perturbation")
     p.add_argument("--m", type=int, default=128, help="batch size of the m-sharpness")
-    p.add_argument("--n", type=int, default=4, help="batches for adversarial sharpness (average: --n_average)")
-    p.add_argument("--n_average", type=int, default=15)
-    p.add_argument("--mu", type=float, default=5.0, help="distance of the asymmetry factor")
+    p.add_argument("--n", type=int, default=4, help="batches of the adversarial sharpness")
+    p.add_argument("--n_average", type=int, default=15, help="batches of the average (random-direction) sharpness")
+    p.add_argument("--mu", type=float, default=1.0, help="distance of the asymmetry factor")
     p.add_argument("--directions", type=int, default=30, help="random directions of the asymmetry factor")
-    p.add_argument("--hessian_iterations", type=int, default=20)
+    p.add_argument("--hessian_iterations", type=int, default=20, help="power iterations for the Hessian eigenvalue")
+    weights_argument(p)
     data_arguments(p)
+
+    p = commands.add_parser("compare", help="train and compare flat-minima methods with an example script "
+                            "(see `hf-flat compare -h`)", add_help=False)
+    p.add_argument("arguments", nargs=argparse.REMAINDER, help="the arguments of `hf-flat compare`")
     return parser
 
 
-def prepare(args, model_dir):
-    from .data import batches, load_splits, preprocess
+def prepare(args, model_dir, need_eval=True):
+    """{"train": (dataset, batches), "eval": ..., "notes": [...], "max_length": int | None} for the
+    command's --data, processed with `model_dir`'s tokenizer or image processor."""
+    from .data import batches, load_splits, max_length_for, preprocess
 
     splits = load_splits(args.data, args.data_config, args.train_split, args.eval_split)
-    prepared = {}
+    prepared = {"notes": [splits["note"]] if splits.get("note") and need_eval else [], "max_length": None}
     for name, limit in (("train", args.max_train_samples), ("eval", args.max_eval_samples)):
+        if name == "eval" and not need_eval:
+            continue
         if splits.get(name) is None:
-            raise ValueError(f"--data {args.data}: no '{args.train_split if name == 'train' else args.eval_split}' split.")
-        dataset = preprocess(splits[name], model_dir, args.text_column, args.text_pair_column, args.label_column)
+            wanted = args.train_split if name == "train" else f"{args.eval_split}' or 'validation"
+            found = ", ".join(splits.get("splits") or []) or "none"
+            raise UsageError(f"--data {args.data}: no '{wanted}' split (found: {found}); name one with "
+                             f"--{'train' if name == 'train' else 'eval'}_split, or add the file.")
+        dataset = splits[name]
+        if prepared["max_length"] is None and "image" not in dataset.column_names and "pixel_values" not in dataset.column_names:
+            prepared["max_length"], note = max_length_for(model_dir, args.max_length)
+            prepared["notes"] += [note] if note else []
+        dataset = preprocess(dataset, model_dir, args.text_column, args.text_pair_column, args.label_column,
+                             prepared["max_length"])
+        if len(dataset) == 0:
+            raise UsageError(f"--data {args.data}: the {name} split is empty.")
         prepared[name] = (dataset, batches(dataset, args.batch_size, args.device, limit))
     return prepared
 
@@ -98,77 +203,180 @@ def has_batchnorm(model):
 
 
 def main(argv=None) -> int:
-    """Console entry point: `hf-flat compare ...` or an analysis command (results in the output folder)."""
+    """Console entry point: `hf-flat compare ...` or an analysis command (results in the output
+    folder). Mistakes in the arguments or data end with a one-line message and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         from .compare import main as compare
 
         return compare(argv[1:])
-    run(argv)
+    try:
+        run(argv)
+    except UsageError as error:
+        print(f"hf-flat {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as error:  # from the libraries, e.g. a model folder that does not load
+        print(f"hf-flat {argv[0]}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _f(x):
+    return f"{x:.4g}"
+
+
+def interpolation_summary(rows, names) -> list[str]:
+    """Per data set: loss (and accuracy) at the two models and the worst point between them."""
+    ends = [min(rows, key=lambda r: abs(r["alpha"] - x)) for x in (0, 1)]
+    between = [r for r in rows if 0 <= r["alpha"] <= 1] or rows
+    lines = [f"A = {names[0]} (alpha {ends[0]['alpha']:g}), B = {names[1]} (alpha {ends[1]['alpha']:g})"]
+    for name in (k for k in rows[0] if k != "alpha"):
+        top = max(between, key=lambda r: r[name]["loss"])
+        line = (f"  {name}: loss A {_f(ends[0][name]['loss'])}, B {_f(ends[1][name]['loss'])}, highest between "
+                f"{_f(top[name]['loss'])} at alpha {top['alpha']:g}")
+        if "metric" in rows[0][name]:
+            low = min(between, key=lambda r: r[name]["metric"])
+            line += (f"; accuracy A {_f(ends[0][name]['metric'])}, B {_f(ends[1][name]['metric'])}, lowest between "
+                     f"{_f(low[name]['metric'])} at alpha {low['alpha']:g}")
+        lines.append(line)
+    return lines
+
+
+def plane_summary(result, name) -> list[str]:
+    """Per data set: loss (and accuracy) at the model (the grid point nearest (0, 0)) and the best point."""
+    centre = min(result["grid"], key=lambda g: abs(g["alpha"]) + abs(g["beta"]))
+    lines = [f"plane around {name} (model at ({centre['alpha']:g}, {centre['beta']:g}))"]
+    for eval_set in (k for k in centre if k not in ("alpha", "beta")):
+        line = f"  {eval_set}: loss {_f(centre[eval_set]['loss'])}"
+        if "metric" in centre[eval_set]:
+            line += f", accuracy {_f(centre[eval_set]['metric'])}"
+        best, label = result[f"best_{eval_set}"]["point"], result[f"best_{eval_set}"]["what"]
+        value = best[eval_set]["metric" if "metric" in label else "loss"]
+        lines.append(line + f"; {label} {_f(value)} at ({best['alpha']:g}, {best['beta']:g})")
+    return lines
 
 
 def run(argv=None) -> dict:
     """Parse `argv`, run the analysis, write results.json and the plots; return the results."""
     from .analysis import asymmetry_factor, interpolate, plane, sharpness, top_hessian_eigenvalue
-    from .analysis.plots import plot_interpolation, plot_plane
+    from .analysis.plots import best_point, plot_interpolation, plot_plane
     from .analysis.surface import grid_points
+    from .averaging import recompute_batchnorm
 
     args = build_parser().parse_args(argv)
+    if args.command == "compare":
+        raise UsageError("run `hf-flat compare ...` through main(), the console entry point.")
+    paths = [args.model_a, args.model_b] if args.command == "interpolate" else [args.model]
+    weights = args.weights if isinstance(args.weights, list) else [args.weights]
+    if len(weights) > len(paths):
+        raise UsageError(f"--weights {' '.join(weights)}: give one value, or one per model ({len(paths)}).")
+    weights = (weights * len(paths))[: len(paths)]
+    for path, which in zip(paths, weights):
+        model_folder(path)
+        if which == "averaged":
+            flat_state_file(path)
+    counts = [("--batch_size", args.batch_size), ("--max_train_samples", args.max_train_samples),
+              ("--max_eval_samples", args.max_eval_samples)]
+    if args.command == "sharpness":
+        counts += [("--m", args.m), ("--n", args.n), ("--n_average", args.n_average),
+                   ("--directions", args.directions), ("--hessian_iterations", args.hessian_iterations)]
+    for option, value in counts:
+        if value is not None and value < 1:
+            raise UsageError(f"{option} {value}: give a positive number.")
+    if args.command == "plane" and args.steps < 2:
+        raise UsageError(f"--steps {args.steps}: give at least 2 grid points per axis (odd: the model is on the grid).")
     os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
-    first = args.model_a if args.command == "interpolate" else args.model
-    data = prepare(args, first)
+    data = prepare(args, paths[0], need_eval=args.command != "sharpness")
     train_batches = data["train"][1]
-    eval_sets = {"train": train_batches, "test": data["eval"][1]}
-    results = {"command": args.command, "arguments": vars(args)}
+    eval_sets = {"train": train_batches, "test": data["eval"][1]} if "eval" in data else {}
+    models, names = [], []
+    results = {"command": args.command, "arguments": vars(args), "max_length": data["max_length"], "weights": {}}
+    for path, which in zip(paths, weights):
+        model = load_model(path, args.device)
+        results["weights"][path] = load_average(model, path) if which == "averaged" else "live (as saved)"
+        if which == "averaged" and has_batchnorm(model):
+            recompute_batchnorm(model, train_batches)
+        models.append(model)
+        names.append(model_name(path, which))
+        print(f"weights of {path}: {results['weights'][path]}")
+    notes = data["notes"]
 
     if args.command == "interpolate":
-        model_a, model_b = load_model(args.model_a, args.device), load_model(args.model_b, args.device)
+        model_a, model_b = models
         bn = train_batches if has_batchnorm(model_a) else None
         alphas = grid_points(args.alpha_min, args.alpha_max, args.points)
         with tqdm(total=len(alphas), desc="interpolation") as bar:
             rows = interpolate(model_a, model_b, eval_sets, alphas, bn, progress=lambda i, n: bar.update(1))
         results["interpolation"] = rows
-        plot_interpolation(rows, os.path.join(args.output_dir, "interpolation.png"))
+        plot_interpolation(rows, os.path.join(args.output_dir, "interpolation.png"), names=names)
+        summary = interpolation_summary(rows, names)
     elif args.command == "plane":
-        model = load_model(args.model, args.device)
+        if args.steps % 2 == 0:
+            notes.append(f"--steps {args.steps} is even: the grid does not hold the model itself, (0, 0); "
+                         "an odd --steps does")
+        (model,), (name,) = models, names
         bn = train_batches if has_batchnorm(model) else None
         with tqdm(total=args.steps**2, desc="plane") as bar:
             result, _ = plane(model, eval_sets, args.steps, (-args.span, args.span), args.seed, bn,
                               progress=lambda i, n: bar.update(1))
-        scored = [g for g in result["grid"] if "metric" in g["test"]]
-        best = max(scored, key=lambda g: g["test"]["metric"]) if scored else None
-        result["best_test_metric"] = best
+        for eval_set in eval_sets:  # each plot marks the best point of its own data set
+            point, what = best_point(result["grid"], eval_set)
+            result[f"best_{eval_set}"] = {"point": point, "what": what}
+        best_test = result["best_test"]
+        result["best_test_metric"] = best_test["point"] if "metric" in best_test["what"] else None
         results["plane"] = result
-        marker = (best["alpha"], best["beta"]) if best else None
-        plot_plane(result, os.path.join(args.output_dir, "plane_test_loss.png"), "loss", "test", marker)
-        if best:
-            plot_plane(result, os.path.join(args.output_dir, "plane_test_metric.png"), "metric", "test", marker)
-        plot_plane(result, os.path.join(args.output_dir, "plane_train_loss.png"), "loss", "train", marker)
+        for eval_set, quantity in (("test", "loss"), ("test", "metric"), ("train", "loss")):
+            best = result[f"best_{eval_set}"]
+            if quantity == "metric" and "metric" not in best["what"]:
+                continue
+            plot_plane(result, os.path.join(args.output_dir, f"plane_{eval_set}_{quantity}.png"), quantity, eval_set,
+                       (best["point"]["alpha"], best["point"]["beta"]), name, best["what"])
+        summary = plane_summary(result, name)
     else:
-        model = load_model(args.model, args.device)
-        dataset = data["train"][0]
+        (model,) = models
         from .data import batches
 
-        def m_batches(count):
-            """`count` batches of exactly m training examples (fewer if the data runs out)."""
-            loader = batches(dataset.shuffle(seed=args.seed), args.m, args.device, limit=count * args.m)
-            return [b for b in loader() if next(iter(b.values())).shape[0] == args.m][:count]
+        dataset = data["train"][0]
+        if args.max_train_samples is not None:
+            dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+        available = len(dataset)
+        where = f" (--max_train_samples {args.max_train_samples})" if args.max_train_samples else ""
+        if args.m > available:
+            raise UsageError(f"--m {args.m} is larger than the {available} training examples{where}: lower --m "
+                             "or use more training data.")
 
+        def m_batches(count, option):
+            """`count` batches of exactly m training examples, or as many as fit (then a note says so)."""
+            used = min(count, available // args.m)
+            if used < count:
+                notes.append(f"{option} {count} batches of --m {args.m} need {count * args.m} training examples, "
+                             f"{available} are available{where}: used {used} batches")
+            loader = batches(dataset.shuffle(seed=args.seed), args.m, args.device, limit=used * args.m)
+            return list(loader())
+
+        results["training_examples"] = available
         print("adversarial sharpness ...", file=sys.stderr)
-        results["adversarial"] = sharpness(model, m_batches(args.n), args.rho, "adversarial", args.seed)
+        adversarial = m_batches(args.n, "--n")
+        results["adversarial"] = {**sharpness(model, adversarial, args.rho, "adversarial", args.seed),
+                                  "n_requested": args.n, "m": args.m}
         print("average sharpness ...", file=sys.stderr)
-        results["average"] = sharpness(model, m_batches(args.n_average), args.rho, "average", args.seed)
+        average = m_batches(args.n_average, "--n_average")
+        results["average"] = {**sharpness(model, average, args.rho, "average", args.seed),
+                              "n_requested": args.n_average, "m": args.m}
         print("asymmetry factor ...", file=sys.stderr)
         bn = train_batches if has_batchnorm(model) else None
         results["asymmetry"] = asymmetry_factor(model, train_batches, args.mu, args.directions, args.seed, bn)
         print("top Hessian eigenvalue ...", file=sys.stderr)
         results["hessian"] = top_hessian_eigenvalue(model, train_batches, args.hessian_iterations, seed=args.seed)
+        summary = [f"training examples: {available}"]
         for key in ("adversarial", "average", "asymmetry", "hessian"):
             shown = {k: v for k, v in results[key].items() if k != "rises"}
-            print(f"{key}: {shown}")
+            summary.append(f"{key}: {shown}")
 
+    results["notes"] = notes
+    for line in [f"note: {note}" for note in notes] + summary:
+        print(line)
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {os.path.join(args.output_dir, 'results.json')}")

@@ -1,37 +1,103 @@
-"""`hf-flat compare`: run a training script over methods and seeds and print the paper's table.
+"""`hf-flat compare`: run a training script over methods and seeds and print a results table.
 
     hf-flat compare --script examples/vit/run_vit.py --methods none swa sam wasam --seeds 0 1 2 \\
         --grid sam_rho=0.02,0.05,0.1 --grid average_start=0.5,0.75 --output_dir out/compare -- --num_train_epochs 10
 
+The table and the tuning protocol follow Kaddour, Liu, Silva, Kusner, "When Do Flat Minima
+Optimizers Work?", NeurIPS 2022, arXiv 2202.00661 (its arXiv version, "Questions for Flat-Minima
+Optimization of Modern Neural Networks": Tables 1 and 2, section 5).
+
 Any script works that takes the `FlatTrainingArguments` flags (`--flat_method`, `--seed`,
 `--output_dir`, `--sam_rho`, ...) and writes the Trainer's `all_results.json` or
-`eval_results.json` into its output folder. Arguments after ``--`` go to every run.
+`eval_results.json` into its output folder. Each run is
+``SCRIPT [--config file] [arguments after --] --flat_method M --seed S [grid values] --output_dir DIR``;
+its output is streamed to stderr (``--quiet``: one line per run) and kept in ``DIR/log.txt``.
 
-With ``--grid``, each method's tunable values (``sam_rho`` for methods with a perturbation,
-``average_start`` for methods with averaging) are chosen first on a held-out part of the training
-data, as the paper does: one run per combination with ``--holdout_fraction`` and the first seed; the
-best combination on the held-out metric is then run with every seed on the real evaluation set.
+Before training, compare checks its names: the methods, and every ``--grid`` name against the
+flags the script's ``--help`` lists. ``--metric`` is checked on the first run that finishes: a
+name not in its results stops compare with the list of the numeric keys it has.
+
+With ``--grid``, each method's tunable values (``sam_rho`` for SAM / ASAM, ``average_start`` for
+methods with averaging, ``saf_*`` for SAF, other flags for every flat method) are chosen first on
+a held-out part of the training data: one run per combination with ``--holdout_fraction`` and the
+first seed; the best combination on the held-out metric is then run with every seed on the real
+evaluation set. A method whose tuning runs all fail is left out of the table and counted as failed.
 
 The table: the baseline (the first method) as mean +- standard error over seeds; every other
 method as its difference to the baseline +- the standard error of that difference,
 ``sqrt(se_method^2 + se_baseline^2)``; in bold the best method and every method whose mean is
-within one standard error (the best method's) of the best. A run that fails is reported in the
-table (``n`` counts the runs that worked) and in ``failures``; finished runs are not run again when
-the same command is repeated.
+within one standard error (the best method's) of the best. ``--percent auto`` shows a metric x 100
+when its name says it is a fraction (accuracy, f1, exact_match, matthews, pearson, ...) and every
+value lies in [-1, 1]; losses and other metrics are shown as they are. Warnings a run's
+``all_results.json`` records in ``flat_warnings`` (such as an averaging run that took a single
+snapshot) mark the method's row with a dagger and are listed under the table.
+
+A run is reused, and said to be, when a finished run with the same command exists: the script,
+the config file's contents, the arguments after ``--``, the method, the seed and the grid values
+(each command has its own folder, ``runs/<name>-<hash>``). Exit status: 0 when every run worked,
+1 when some failed (the table is still written), 2 for a mistake in the command.
 """
 
 import argparse
+import codecs
 import csv
+import difflib
+import hashlib
 import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 
-PERTURBATION_PARAMS = {"sam_rho"}
-AVERAGING_PARAMS = {"average_start", "average_freq", "ema_decay"}
+#: Flags compare sets for every run itself: they may not appear after ``--`` or in ``--grid``.
+OWN_FLAGS = ("flat_method", "seed", "output_dir", "holdout_fraction")
+#: `--percent auto`: a metric whose name contains one of these is a fraction (if it lies in [-1, 1]).
+FRACTION_NAMES = ("accuracy", "f1", "exact_match", "matthews", "pearson", "spearman", "precision", "recall", "auc")
+RESULT_FILES = ("all_results.json", "eval_results.json")
+WARNING_MARK = "†"
+
+
+class UserError(Exception):
+    """A mistake in the command: `main` prints its one-line message and returns 2."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written; every flag's help ends with its default, or '(required)'."""
+
+    def _get_help_string(self, action):
+        return action.help + " (required)" if action.required else super()._get_help_string(action)
+
+
+def build_parser():
+    usage = "hf-flat compare --script SCRIPT --output_dir DIR [options] [-- script arguments]"
+    parser = argparse.ArgumentParser(prog="hf-flat compare", usage=usage, description=__doc__,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--script", required=True, help="the training script (python file)")
+    parser.add_argument("--methods", nargs="+", default=["none", "swa", "sam", "wasam"],
+                        help="flat_method values to compare; the first is the baseline")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="a run per method and seed")
+    parser.add_argument("--metric", default="eval_accuracy",
+                        help="key in the script's all_results.json / eval_results.json")
+    parser.add_argument("--lower_is_better", action="store_true", help="for losses, error rates, perplexities")
+    parser.add_argument("--percent", choices=("auto", "yes", "no"), default="auto",
+                        help="show the metric x 100: auto = when its name names a fraction (accuracy, f1, exact_match, "
+                        "matthews, pearson, ...) and every value lies in [-1, 1]")
+    parser.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
+                        help="values to choose from on held-out data, e.g. sam_rho=0.02,0.05,0.1 (repeatable); "
+                        "NAME must be a flag of the script")
+    parser.add_argument("--holdout_fraction", type=float, default=0.1,
+                        help="share of the training data the --grid runs evaluate on")
+    parser.add_argument("--config", default=None, metavar="FILE.json",
+                        help="a JSON config given to the script as its first argument "
+                        "(SCRIPT FILE.json --flag value ...)")
+    parser.add_argument("--output_dir", required=True, help="runs go to OUTPUT_DIR/runs, the table beside them")
+    parser.add_argument("--python", default=sys.executable, help="the python that runs the script")
+    parser.add_argument("--quiet", action="store_true",
+                        help="do not stream each run's output to stderr (it is still in its log.txt)")
+    return parser
 
 
 def parse(argv):
@@ -39,75 +105,186 @@ def parse(argv):
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    parser = argparse.ArgumentParser(prog="hf-flat compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--script", required=True, help="the training script (python file)")
-    parser.add_argument("--methods", nargs="+", default=["none", "swa", "sam", "wasam"], help="the first is the baseline")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--metric", default="eval_accuracy", help="key in all_results.json / eval_results.json")
-    parser.add_argument("--lower_is_better", action="store_true")
-    parser.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
-                        help="values to choose from on held-out data, e.g. sam_rho=0.02,0.05,0.1 (repeatable)")
-    parser.add_argument("--holdout_fraction", type=float, default=0.1)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--python", default=sys.executable)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.extra = extra
-    args.grid = dict(_parse_grid(g) for g in args.grid)
+    args.grid = _parse_grids(args.grid)
     return args
 
 
-def _parse_grid(text):
-    name, _, values = text.partition("=")
-    if not values:
-        raise SystemExit(f"--grid {text!r}: expected NAME=V1,V2,...")
-    return name, values.split(",")
+def _parse_grids(texts):
+    grid = {}
+    for text in texts:
+        name, _, values = text.partition("=")
+        name = name.strip().lstrip("-")
+        values = [v.strip() for v in values.split(",")]
+        if not name or not all(values):
+            raise UserError(f"--grid {text!r}: expected NAME=V1,V2,... (for example sam_rho=0.02,0.05,0.1)")
+        if name in grid:
+            raise UserError(f"--grid {name}: given twice; put all its values in one --grid {name}=V1,V2,...")
+        grid[name] = values
+    return grid
 
 
-def tunable(method, grid):
-    """The grid entries that apply to `method` (via its perturbation / averaging parts)."""
+def applies(name, method):
+    """Whether the flat-minima argument `name` changes a run of `method`; None for any other argument."""
     from .args import parse_flat_method
 
     perturbation, averaging = parse_flat_method(method)
+    if name == "sam_rho":
+        return perturbation in ("sam", "asam")
+    for prefix in ("asam", "saf", "mesa"):
+        if name.startswith(prefix + "_"):
+            return perturbation == prefix
+    if name == "ema_decay":
+        return averaging == "ema"
+    if name == "average_freq":
+        return averaging == "swa"
+    if name.startswith("average_"):
+        return averaging is not None
+    return None
+
+
+def tunable(method, grid):
+    """The grid entries that apply to `method`: its own flat-minima arguments, and any other flag
+    (such as learning_rate) for every method but 'none'."""
     keep = {}
     for name, values in grid.items():
-        if (name in PERTURBATION_PARAMS and perturbation) or (name in AVERAGING_PARAMS and averaging):
+        own = applies(name, method)
+        if own or (own is None and method != "none"):
             keep[name] = values
-        elif name not in PERTURBATION_PARAMS | AVERAGING_PARAMS and method != "none":
-            keep[name] = values  # other flags: tuned for every flat method
     return keep
 
 
-def run_one(args, name, flags, log):
-    """Run the script once into `<output_dir>/runs/<name>`; reuse a finished run. Returns its results or None."""
-    out = os.path.join(args.output_dir, "runs", name)
+def script_flags(args):
+    """The flags the script accepts, read from its ``--help`` (both ``--a_b`` and ``--a-b`` spellings)."""
+    done = subprocess.run([args.python, args.script, "--help"], capture_output=True, text=True)
+    flags = set(re.findall(r"(?<![\w-])--([A-Za-z][\w-]*)", done.stdout))
+    if done.returncode != 0 or not flags:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"`{args.script} --help` failed (exit code {done.returncode}: {last[0]}); "
+                        "compare needs it to check the flags; run it by hand to see why")
+    return flags | {f.replace("-", "_") for f in flags}
+
+
+def check_command(args, log):
+    """Every check that needs no training; raises `UserError` with what to do."""
+    from .args import parse_flat_method
+
+    if not os.path.isfile(args.script):
+        raise UserError(f"--script {args.script}: no such file; give the path of the training script")
+    if args.config and not (os.path.isfile(args.config) and args.config.endswith(".json")):
+        raise UserError(f"--config {args.config}: no such .json file; give the path of the script's JSON config")
+    for method in args.methods:
+        try:
+            parse_flat_method(method)
+        except ValueError as error:
+            raise UserError(f"--methods: {error}") from None
+    if len(set(args.methods)) != len(args.methods) or len(set(args.seeds)) != len(args.seeds):
+        raise UserError("--methods / --seeds: a value is given twice; give each once")
+    if args.grid and not 0 < args.holdout_fraction < 1:
+        raise UserError(f"--holdout_fraction {args.holdout_fraction}: must lie in (0, 1) for --grid")
+    given = {a[2:].split("=")[0].replace("-", "_") for a in args.extra if a.startswith("--")}
+    for name in sorted(given & (set(OWN_FLAGS) | set(args.grid))):
+        where = "--grid" if name in args.grid else "compare"
+        raise UserError(f"--{name} after '--': {where} sets it for every run; remove it from the script arguments")
+    for name in args.grid:
+        if name in OWN_FLAGS:
+            raise UserError(f"--grid {name}: compare sets --{name} itself; it cannot be tuned")
+    accepted = script_flags(args)
+    needed = ["flat_method", "seed", "output_dir"] + (["holdout_fraction"] if args.grid else [])
+    for name in needed:
+        if name not in accepted:
+            raise UserError(f"--script {args.script} has no --{name} flag, which compare passes to every run"
+                            + (" with --grid" if name == "holdout_fraction" else "") + "; add it to the script")
+    for name in args.grid:
+        if name not in accepted:
+            close = difflib.get_close_matches(name, sorted(f for f in accepted if "-" not in f), n=3)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise UserError(f"--grid {name}: {args.script} has no --{name} flag{hint}; "
+                            f"see `python {args.script} --help`")
+        if not any(tunable(method, {name: []}) for method in args.methods):
+            log(f"warning: --grid {name} applies to none of the methods {' '.join(args.methods)}: it is not tuned")
+
+
+def run_folder(args, name, flags):
+    """The run's command (without --output_dir) and its folder `runs/<name>-<hash of the command>`."""
+    command = [args.script, *([args.config] if args.config else []), *args.extra, *flags]
+    key = {"script": os.path.abspath(args.script), "arguments": command[1:], "json files": {}}
+    for path in command[1:]:  # a config's contents are part of the command
+        if path.endswith(".json") and os.path.isfile(path):
+            with open(path) as f:
+                key["json files"][path] = f.read()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return command, os.path.join(args.output_dir, "runs", f"{name}-{digest}")
+
+
+def run_one(args, name, flags, settings, log):
+    """Run the script once, or reuse the finished run of the same command. Returns its record: `metrics`
+    (and `reused`) when it worked, `failed` (the reason) when it did not."""
+    command, out = run_folder(args, name, flags)
+    record = {"name": name, "folder": out, "settings": settings, "command": command}
     done = os.path.join(out, "hf_flat_compare_done.json")
     if os.path.exists(done):
         with open(done) as f:
-            return json.load(f)
+            saved = json.load(f)
+        if saved.get("command") == command:
+            log(f"  reused {out}: it finished before with the same command")
+            check_metric(args, saved["metrics"], out)
+            return {**record, "metrics": saved["metrics"], "seconds": saved.get("seconds"), "reused": True}
     os.makedirs(out, exist_ok=True)
-    command = [args.python, args.script, *flags, "--output_dir", out, *args.extra]
+    for stale in RESULT_FILES:  # a retried run must not be read from an earlier attempt's files
+        if os.path.exists(os.path.join(out, stale)):
+            os.remove(os.path.join(out, stale))
     start = time.time()
-    with open(os.path.join(out, "log.txt"), "w") as logfile:
-        code = subprocess.call(command, stdout=logfile, stderr=subprocess.STDOUT)
+    logpath = os.path.join(out, "log.txt")
+    code = _run_logged([args.python, *command, "--output_dir", out], logpath, echo=not args.quiet)
+    seconds = round(time.time() - start, 1)
+    if code != 0:
+        log(f"  FAILED {name} (exit code {code}) after {seconds} s; see {logpath}")
+        return {**record, "failed": f"exit code {code}", "log": logpath}
     metrics = _read_metrics(out)
-    if code != 0 or args.metric not in metrics:
-        reason = f"exit code {code}" if code else f"{args.metric!r} not in its results"
-        log(f"  FAILED {name}: {reason}; see {os.path.join(out, 'log.txt')}")
-        return {"name": name, "failed": reason, "log": os.path.join(out, "log.txt")}
-    result = {"name": name, "flags": flags, "metrics": metrics, "seconds": round(time.time() - start, 1)}
-    with open(done, "w") as f:
-        json.dump(result, f)
-    return result
+    if metrics:  # finished: reusable under any --metric
+        with open(done, "w") as f:
+            json.dump({"command": command, "metrics": metrics, "seconds": seconds}, f, indent=1)
+    check_metric(args, metrics, out)
+    log(f"  finished {name} in {seconds} s: {args.metric} = {metrics[args.metric]}")
+    return {**record, "metrics": metrics, "seconds": seconds, "reused": False}
+
+
+def _run_logged(command, logpath, echo):
+    """Run `command`, its output into `logpath` and, with `echo`, to stderr as it comes. Returns the exit code."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with open(logpath, "wb") as logfile:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for chunk in iter(lambda: process.stdout.read1(65536), b""):
+            logfile.write(chunk)
+            if echo:
+                sys.stderr.write(decoder.decode(chunk))
+                sys.stderr.flush()
+        return process.wait()
 
 
 def _read_metrics(folder):
-    for name in ("all_results.json", "eval_results.json"):
+    for name in RESULT_FILES:
         path = os.path.join(folder, name)
         if os.path.exists(path):
             with open(path) as f:
                 return json.load(f)
     return {}
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_metric(args, metrics, out):
+    """Stop compare (`UserError`) when a run that worked has no numeric `--metric`: every other run would too."""
+    if not metrics:
+        raise UserError(f"{args.script} exited 0 but wrote neither {' nor '.join(RESULT_FILES)} into {out}; "
+                        "compare reads --metric from them")
+    if not _is_number(metrics.get(args.metric)):
+        keys = ", ".join(sorted(k for k, v in metrics.items() if _is_number(v))) or "none"
+        raise UserError(f"--metric {args.metric}: not a number in the results of {out}; its numeric keys: {keys}")
 
 
 def mean_and_se(values):
@@ -123,7 +300,7 @@ def mean_and_se(values):
 
 
 def table(scores: dict, lower_is_better=False):
-    """Rows of the paper's table from {method: [score per seed]} (first method = baseline)."""
+    """Rows of the table from {method: [score per seed]} (first method = baseline)."""
     methods = list(scores)
     stats = {m: mean_and_se(v) for m, v in scores.items()}
     valid = [m for m in methods if scores[m]]
@@ -142,81 +319,144 @@ def table(scores: dict, lower_is_better=False):
     return rows
 
 
-def markdown(rows, metric, scale=100.0):
-    """The table as Markdown; scores shown x `scale` (percent) as in the paper."""
-    lines = [f"| method | {metric} (baseline) / difference to baseline | n |", "|---|---|---|"]
+def percent_scale(metric, values, mode="auto"):
+    """100 when the metric is shown in percent, else 1: `mode` 'yes' / 'no', or 'auto' (see `--percent`)."""
+    if mode != "auto":
+        return 100.0 if mode == "yes" else 1.0
+    name = metric.lower()
+    fraction = any(word in name for word in FRACTION_NAMES) and "loss" not in name
+    return 100.0 if fraction and values and all(-1 <= v <= 1 for v in values) else 1.0
+
+
+def markdown(rows, metric, scale=1.0, marked=()):
+    """The table as Markdown; scores shown x `scale` (100: percent, 2 decimals; else 4 significant
+    digits). Methods in `marked` get a dagger: their runs logged warnings (listed under the table)."""
+    spec = ".2f" if scale == 100 else ".4g"
+    header = f"{metric} (%)" if scale == 100 else metric
+    lines = [f"| method | {header} (baseline) / difference to baseline | n |", "|---|---|---|"]
     for i, r in enumerate(rows):
         if r["n"] == 0:
             cell = "all runs failed"
         elif i == 0:
-            cell = f"{scale * r['mean']:.2f} ± {scale * r['se']:.2f}"
+            cell = f"{scale * r['mean']:{spec}} ± {scale * r['se']:{spec}}"
         else:
-            cell = f"{scale * r['difference']:+.2f} ± {scale * r['difference_se']:.2f}"
+            cell = f"{scale * r['difference']:+{spec}} ± {scale * r['difference_se']:{spec}}"
         if r["bold"]:
             cell = f"**{cell}**"
-        lines.append(f"| {r['method']} | {cell} | {r['n']} |")
+        mark = WARNING_MARK if r["method"] in marked else ""
+        lines.append(f"| {r['method']}{mark} | {cell} | {r['n']} |")
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = parse(sys.argv[1:] if argv is None else argv)
+def run_warnings(method, metrics):
+    """The messages a run recorded in `flat_warnings`, plus one when it ran another method than asked."""
+    from .args import parse_flat_method
+
+    found = [str(w) for w in metrics.get("flat_warnings") or []]
+    ran = metrics.get("flat_method")
+    if ran is not None and parse_flat_method(str(ran)) != parse_flat_method(method):
+        found.append(f"the script ran flat_method={ran!r}, not {method!r} (does its config set flat_method?)")
+    return found
+
+
+def _settings_text(settings):
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) if settings else "-"
+
+
+def report(args, rows, scale, chosen, warnings, failures, runs):
+    """comparison.md: the table, its warnings and failures, and the hyper-parameters each method ran with."""
+    parts = [markdown(rows, args.metric, scale, marked=set(warnings))]
+    notes = [f"{WARNING_MARK} {method}: {message} ({', '.join(names)})"
+             for method, found in warnings.items() for message, names in found.items()]
+    if notes:
+        parts.append("Warnings the runs logged:\n\n" + "\n".join(f"- {n}" for n in notes))
+    if failures:
+        parts.append(f"{len(failures)} run(s) failed: " + ", ".join(f"{f['name']} ({f['failed']})" for f in failures))
+    lines = ["Hyper-parameters per method:", "",
+             "| method | chosen on held-out data (--grid) | flat_settings of its runs |", "|---|---|---|"]
+    for method in args.methods:
+        picked = "tuning failed" if chosen[method] is None else _settings_text(chosen[method])
+        used = next((r["metrics"].get("flat_settings") for r in runs if r["method"] == method and "metrics" in r), None)
+        lines.append(f"| {method} | {picked} | {_settings_text(used) if isinstance(used, dict) else '-'} |")
+    parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def compare(args, log):
     os.makedirs(args.output_dir, exist_ok=True)
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    chosen, tuning = {}, {}
+    chosen, tuning, failures = {}, {}, []
     for method in args.methods:
         grid = tunable(method, args.grid)
         chosen[method] = {}
         if not grid:
             continue
-        names = list(grid)
-        best = None
-        for values in itertools.product(*grid.values()):
-            setting = dict(zip(names, values))
-            tag = "-".join(f"{k}{v}" for k, v in setting.items())
-            flags = ["--flat_method", method, "--seed", str(args.seeds[0]), "--holdout_fraction", str(args.holdout_fraction)]
+        best, combinations = None, list(itertools.product(*grid.values()))
+        for i, values in enumerate(combinations, 1):
+            setting = dict(zip(grid, values))
+            flags = ["--flat_method", method, "--seed", str(args.seeds[0]),
+                     "--holdout_fraction", str(args.holdout_fraction)]
             flags += [x for k, v in setting.items() for x in (f"--{k}", v)]
-            log(f"[tune] {method} {setting}")
-            result = run_one(args, f"tune-{method}-{tag}", flags, log)
-            tuning.setdefault(method, []).append({"setting": setting, **result})
-            if "failed" in result:
-                continue
-            score = result["metrics"][args.metric] * (-1 if args.lower_is_better else 1)
-            if best is None or score > best[0]:
-                best = (score, setting)
-        chosen[method] = best[1] if best else {}
-        log(f"[tune] {method}: chose {chosen[method]}")
+            log(f"[tune {method} {i}/{len(combinations)}] {_settings_text(setting)}")
+            tag = "-".join(f"{k}{v}" for k, v in setting.items())
+            result = run_one(args, f"tune-{method}-{tag}", flags, setting, log)
+            tuning.setdefault(method, []).append(result)
+            if "failed" not in result:
+                score = result["metrics"][args.metric] * (-1 if args.lower_is_better else 1)
+                if best is None or score > best[0]:
+                    best = (score, setting)
+        if best is None:
+            chosen[method] = None
+            failures.append({"name": f"tune-{method}", "method": method,
+                             "failed": f"all {len(combinations)} tuning runs failed; {method} is not run"})
+            log(f"[tune {method}] every tuning run failed: {method} is left out of the table (see the logs above)")
+        else:
+            chosen[method] = best[1]
+            log(f"[tune {method}] chose {_settings_text(best[1])}")
 
-    scores, runs, failures = {m: [] for m in args.methods}, [], []
-    total, done = len(args.methods) * len(args.seeds), 0
-    for seed in args.seeds:
-        for method in args.methods:
-            done += 1
-            log(f"[{done}/{total}] {method} seed {seed} {chosen[method] or ''}")
-            flags = ["--flat_method", method, "--seed", str(seed)] + [
-                x for k, v in chosen[method].items() for x in (f"--{k}", v)
-            ]
-            result = run_one(args, f"{method}-seed{seed}", flags, log)
-            runs.append({"method": method, "seed": seed, **result})
-            if "failed" in result:
-                failures.append(runs[-1])
-            else:
-                scores[method].append(result["metrics"][args.metric])
+    scores, runs, warnings = {m: [] for m in args.methods}, [], {}
+    todo = [(seed, m) for seed in args.seeds for m in args.methods if chosen[m] is not None]
+    for done, (seed, method) in enumerate(todo, 1):
+        log(f"[{done}/{len(todo)}] {method} seed {seed} {_settings_text(chosen[method])}")
+        flags = ["--flat_method", method, "--seed", str(seed)]
+        flags += [x for k, v in chosen[method].items() for x in (f"--{k}", v)]
+        result = run_one(args, f"{method}-seed{seed}", flags, chosen[method], log)
+        runs.append({"method": method, "seed": seed, **result})
+        if "failed" in result:
+            failures.append(runs[-1])
+            continue
+        scores[method].append(result["metrics"][args.metric])
+        for message in run_warnings(method, result["metrics"]):
+            warnings.setdefault(method, {}).setdefault(message, []).append(result["name"])
 
     rows = table(scores, args.lower_is_better)
-    text = markdown(rows, args.metric)
+    scale = percent_scale(args.metric, [v for vs in scores.values() for v in vs], args.percent)
+    text = report(args, rows, scale, chosen, warnings, failures, runs)
     print(text)
-    if failures:
-        print(f"\n{len(failures)} run(s) failed: " + ", ".join(f"{f['name']} ({f['failed']})" for f in failures))
     with open(os.path.join(args.output_dir, "comparison.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.output_dir, "comparison.json"), "w") as f:
-        json.dump({"metric": args.metric, "table": rows, "chosen": chosen, "tuning": tuning, "runs": runs,
-                   "failures": failures}, f, indent=2)
+        json.dump({"metric": args.metric, "shown_in_percent": scale == 100, "table": rows, "chosen": chosen,
+                   "warnings": warnings, "tuning": tuning, "runs": runs, "failures": failures}, f, indent=2)
     with open(os.path.join(args.output_dir, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "seed", "status", args.metric, "settings"])
+        writer.writerow(["method", "seed", "status", args.metric, "settings", "reused", "folder"])
         for r in runs:
-            status = r.get("failed", "ok")
-            writer.writerow([r["method"], r["seed"], status, r.get("metrics", {}).get(args.metric, ""),
-                             json.dumps(chosen[r["method"]])])
-    return 1 if failures and not any(scores.values()) else 0
+            writer.writerow([r["method"], r["seed"], r.get("failed", "ok"), r.get("metrics", {}).get(args.metric, ""),
+                             json.dumps(r["settings"]), "reused" if r.get("reused") else "", r["folder"]])
+    return 1 if failures else 0
+
+
+def main(argv=None):
+    """`hf-flat compare ...`; returns the exit status (see the module docstring)."""
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+        check_command(args, log)
+        return compare(args, log)
+    except UserError as error:
+        print(f"hf-flat compare: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hf-flat compare: interrupted; the finished runs are reused when the same command runs again",
+              file=sys.stderr)
+        return 130

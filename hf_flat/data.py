@@ -1,14 +1,26 @@
-"""Data loading shared by the CLI and the example scripts.
+"""Data loading for the `hf-flat` analysis commands (the example scripts use `digits_splits`).
 
 `load_splits` takes a `datasets` name (`load_dataset(name, config)`), local files (CSV, JSON /
 JSON lines, or an image folder) or the built-in `digits` task (scikit-learn's 1,797 8x8 digits,
 offline), and `preprocess` turns examples into model inputs with the model's own tokenizer or
-image processor.
+image processor. Mistakes in what the user passed raise `UsageError` with a one-line message.
 """
 
+import difflib
 import os
 
 import numpy as np
+
+#: Sequence length when neither the tokenizer nor the model config states a limit.
+FALLBACK_MAX_LENGTH = 128
+#: Model types whose position ids start after the padding index (RoBERTa's embeddings), so that
+#: `pad_token_id + 1` of their `max_position_embeddings` cannot hold tokens.
+_PADDING_OFFSET_TYPES = ("camembert", "longformer", "data2vec-text")
+_DATA_EXTENSIONS = (".csv", ".json", ".jsonl")
+
+
+class UsageError(ValueError):
+    """A mistake in the arguments or data the user passed; the message says what to do."""
 
 
 def digits_splits(test_fraction: float = 0.2, seed: int = 0):
@@ -29,54 +41,197 @@ def digits_splits(test_fraction: float = 0.2, seed: int = 0):
     return {"train": make(x_train, y_train), "test": make(x_test, y_test)}
 
 
+ACCEPTED = ("'digits', a local CSV / JSON file, a folder of train.* / test.* files, an image folder "
+            "(train/ and test/ with one sub-folder per class), or a `datasets` name")
+
+
 def load_splits(source: str, config: str | None = None, train_split="train", eval_split="test") -> dict:
-    """{"train": Dataset, "eval": Dataset} from `source`: "digits", a local .csv / .json / .jsonl
-    file or folder of such files, an image folder (one sub-folder per class), or a Hub data set name."""
+    """{"train": Dataset, "eval": Dataset, "note": str | None} from `source`: "digits", a local .csv /
+    .json / .jsonl file (used for both splits, as "note" says) or folder of such files, an image
+    folder (one sub-folder per class), or a Hub data set name. A split that is absent is None."""
     from datasets import load_dataset
 
     if source == "digits":
         splits = digits_splits()
-        return {"train": splits["train"], "eval": splits["test"]}
-    if os.path.exists(source):
+        return {"train": splits["train"], "eval": splits["test"], "note": None}
+    if os.path.isfile(source):
+        if not source.endswith(_DATA_EXTENSIONS):
+            raise UsageError(f"--data {source}: a data file must be .csv, .json or .jsonl; or pass a folder.")
+        kind = "csv" if source.endswith(".csv") else "json"
+        data = load_dataset(kind, data_files={"train": source})["train"]
+        note = (f"--data {source} is a single file: it is both the train and the test set "
+                "(pass a folder with train.csv and test.csv to keep them apart)")
+        return {"train": data, "eval": data, "note": note}
+    if os.path.isdir(source):
         files = _split_files(source)
         if files:
             kind = "csv" if next(iter(files.values())).endswith(".csv") else "json"
             loaded = load_dataset(kind, data_files=files)
+        elif any(name.endswith(_DATA_EXTENSIONS) for name in os.listdir(source)):
+            found = ", ".join(sorted(n for n in os.listdir(source) if n.endswith(_DATA_EXTENSIONS)))
+            raise UsageError(f"--data {source}: name the folder's files after their split (train.csv, test.csv; "
+                             f"found: {found}), or pass one file as --data.")
         else:
-            loaded = load_dataset("imagefolder", data_dir=source)
+            try:
+                loaded = load_dataset("imagefolder", data_dir=source)
+            except (ValueError, FileNotFoundError) as error:
+                raise UsageError(f"--data {source}: no train.* / test.* files and no image folder "
+                                 f"({' '.join(str(error).split())}); --data takes {ACCEPTED}.") from None
     else:
-        loaded = load_dataset(source, config)
+        loaded = _load_named(source, config)
     if eval_split not in loaded:  # a local folder may name it either way
         eval_split = next((name for name in ("test", "validation") if name in loaded), eval_split)
     return {"train": loaded[train_split] if train_split in loaded else None,
-            "eval": loaded[eval_split] if eval_split in loaded else None}
+            "eval": loaded[eval_split] if eval_split in loaded else None, "note": None,
+            "splits": list(loaded)}
+
+
+def _load_named(source, config):
+    """`load_dataset(source, config)` for a name that is no local path: near misses of "digits"
+    and names the Hub does not know are refused at once, not after the Hub's retries."""
+    from datasets import load_dataset
+    from huggingface_hub import constants
+
+    unknown = f"--data {source}: no such file or folder, and not a known data set. --data takes {ACCEPTED}."
+    if difflib.get_close_matches(source, ["digits"], cutoff=0.7):
+        raise UsageError(f"--data {source}: no such file or folder; did you mean 'digits'? --data takes {ACCEPTED}.")
+    if source.endswith(_DATA_EXTENSIONS) or source.startswith((".", "~", os.sep)) or source.count("/") > 1:
+        raise UsageError(unknown)
+    if not constants.HF_HUB_OFFLINE:  # one quick look-up instead of load_dataset's retries
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+        try:
+            HfApi().dataset_info(source, timeout=10)
+        except (RepositoryNotFoundError, HFValidationError):
+            raise UsageError(unknown) from None
+        except Exception as error:  # no network
+            raise UsageError(
+                f"--data {source}: no such file or folder, and the Hugging Face Hub cannot be reached to look it up "
+                f"({type(error).__name__}). Pass a local file or folder or 'digits'; for a data set already in "
+                "the datasets cache, set HF_HUB_OFFLINE=1."
+            ) from None
+    try:
+        return load_dataset(source, config)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise UsageError(f"--data {source}: `datasets` cannot load it: {' '.join(str(error).split())}") from None
 
 
 def _split_files(path):
-    """A single file is the train split; in a folder, files named after their split (train.csv,
-    validation.json, test.jsonl)."""
-    if os.path.isfile(path):
-        return {"train": path}
+    """In a folder, the files named after their split (train.csv, validation.json, test.jsonl)."""
     found = {}
     for name in sorted(os.listdir(path)):
         stem, ext = os.path.splitext(name)
-        if ext in (".csv", ".json", ".jsonl") and stem in ("train", "validation", "test"):
+        if ext in _DATA_EXTENSIONS and stem in ("train", "validation", "test"):
             found[stem] = os.path.join(path, name)
     return found
 
 
-def preprocess(dataset, model_dir, text_column=None, text_pair_column=None, label_column="label", max_length=128):
-    """Model inputs for `dataset`: tokenized text (the model folder's tokenizer), processed images
-    (its image processor), or arrays already called `pixel_values` / `input_ids`; labels as `labels`."""
+def sequence_limit(tokenizer, config) -> tuple[int | None, str]:
+    """The longest sequence the model takes: the smaller of the tokenizer's `model_max_length` and
+    the config's `max_position_embeddings` (less `pad_token_id + 1` for RoBERTa-style positions),
+    with a description of where it comes from; None when neither states one."""
+    limits = []
+    if tokenizer.model_max_length < 1_000_000:  # unset: transformers' VERY_LARGE_INTEGER
+        limits.append((tokenizer.model_max_length, f"tokenizer model_max_length {tokenizer.model_max_length}"))
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        model_type = getattr(config, "model_type", "") or ""
+        offset = 0
+        if "roberta" in model_type or model_type in _PADDING_OFFSET_TYPES:
+            offset = (getattr(config, "pad_token_id", None) or 0) + 1
+        limits.append((positions - offset, f"max_position_embeddings {positions}" + (f" - {offset}" if offset else "")))
+    if not limits:
+        return None, "no limit stated by the tokenizer or the config"
+    return min(limits)[0], ", ".join(text for _, text in limits)
+
+
+def max_length_for(model_dir, requested: int | None = None) -> tuple[int, str | None]:
+    """The sequence length to tokenize with: `requested`, or by default the model's limit
+    (`sequence_limit`), capped by that limit; and a note when the request was capped."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    processor_files(model_dir, "tokenizer")
+    limit, source = sequence_limit(AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir))
+    if requested is not None and requested < 1:
+        raise UsageError(f"--max_length {requested}: give a positive number of tokens.")
+    if limit is None:
+        return requested or FALLBACK_MAX_LENGTH, None
+    if requested is not None and requested > limit:
+        return limit, f"--max_length {requested} is capped at {limit}, this model's limit ({source})"
+    return requested or limit, None
+
+
+def processor_files(model_dir, kind="tokenizer"):
+    """Refuse a model folder without the tokenizer / image processor files its data needs
+    (transformers would build an empty tokenizer and give numbers for nothing)."""
+    names = ("tokenizer_config.json", "tokenizer.json") if kind == "tokenizer" else ("preprocessor_config.json",)
+    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in names):
+        saver = "tokenizer" if kind == "tokenizer" else "image_processor"
+        raise UsageError(f"{model_dir} holds no {kind.replace('_', ' ')} ({names[0]}), which this data needs: save it there "
+                         f"with {saver}.save_pretrained({model_dir!r}) (give the Trainer processing_class=... and its "
+                         "checkpoints hold it).")
+
+
+def _column(name, option, columns):
+    if name not in columns:
+        raise UsageError(f"{option} {name!r} is not a column of the data; its columns are: {', '.join(columns)}.")
+    return name
+
+
+def encode_labels(dataset, config, label_column="label"):
+    """`dataset` with its labels in a `labels` column of class ids: string labels mapped through the
+    model config's `label2id`, and class ids checked against `num_labels`."""
     columns = dataset.column_names
-    if label_column in columns and label_column != "labels":
+    if "labels" in columns and label_column not in columns:
+        label_column = "labels"
+    _column(label_column, "--label_column", columns)
+    if label_column != "labels":
+        if "labels" in columns:
+            dataset = dataset.remove_columns("labels")
         dataset = dataset.rename_column(label_column, "labels")
-        columns = dataset.column_names
+    feature = dataset.features["labels"]
+    dtype = getattr(feature, "dtype", None)
+    if dtype in ("string", "large_string"):
+        label2id = dict(getattr(config, "label2id", None) or {})
+        missing = sorted({v for v in dataset.with_format(None)["labels"] if v not in label2id})
+        if missing:
+            raise UsageError(
+                f"--label_column {label_column}: labels {missing[:5]} are not in the model config's label2id "
+                f"({sorted(label2id)[:10]}); write the labels as class ids, or save the model with a label2id "
+                "naming them (examples/glue/run_glue.py does)."
+            )
+        from datasets import Value
+
+        dataset = dataset.map(lambda row: {"labels": label2id[row["labels"]]})
+        dataset = dataset.cast_column("labels", Value("int64"))
+    elif dtype is not None and dtype.startswith(("int", "uint")) and getattr(config, "num_labels", 0) > 1:
+        values = dataset.with_format(None)["labels"]
+        bad = sorted({v for v in values if not 0 <= v < config.num_labels})
+        if bad:
+            raise UsageError(
+                f"--label_column {label_column}: labels {bad[:5]} are not class ids of this model's "
+                f"{config.num_labels} classes (0 to {config.num_labels - 1}); unlabelled splits (-1, e.g. GLUE's "
+                "test) cannot be scored: pass --eval_split validation."
+            )
+    return dataset
+
+
+def preprocess(dataset, model_dir, text_column=None, text_pair_column=None, label_column="label", max_length=None):
+    """Model inputs for `dataset`: tokenized text (the model folder's tokenizer, truncated to
+    `max_length`, default the model's limit, and padded to the longest example), processed images
+    (its image processor), or arrays already called `pixel_values` / `input_ids`; labels as
+    `labels` (see `encode_labels`)."""
+    from transformers import AutoConfig
+
+    dataset = encode_labels(dataset, AutoConfig.from_pretrained(model_dir), label_column)
+    columns = dataset.column_names
     if "pixel_values" in columns or "input_ids" in columns:
         return dataset.with_format("torch")
     if "image" in columns:
         from transformers import AutoImageProcessor
 
+        processor_files(model_dir, "image_processor")
         processor = AutoImageProcessor.from_pretrained(model_dir)
         mode = "RGB" if len(getattr(processor, "image_mean", None) or [0, 0, 0]) == 3 else "L"
 
@@ -87,15 +242,26 @@ def preprocess(dataset, model_dir, text_column=None, text_pair_column=None, labe
         return dataset.with_format("torch")
     from transformers import AutoTokenizer
 
+    processor_files(model_dir, "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    text_column = text_column or next(c for c in columns if c != "labels" and isinstance(dataset[0][c], str))
+    max_length = max_length or max_length_for(model_dir)[0]
+    if text_column is None:
+        text_column = next((c for c in columns if c != "labels" and isinstance(dataset[0][c], str)), None)
+        if text_column is None:
+            raise UsageError(f"no text column found among {', '.join(columns)}: name one with --text_column.")
+    _column(text_column, "--text_column", columns)
+    if text_pair_column is not None:
+        _column(text_pair_column, "--text_pair_column", columns)
 
-    def tokenize(batch):
+    def tokenize(batch, length=None):
         pair = batch[text_pair_column] if text_pair_column else None
-        return tokenizer(batch[text_column], pair, truncation=True, max_length=max_length, padding="max_length")
+        padding = "max_length" if length else False
+        return tokenizer(batch[text_column], pair, truncation=True, max_length=length or max_length, padding=padding)
 
-    keep = {"labels"}
-    dataset = dataset.map(tokenize, batched=True, remove_columns=[c for c in columns if c not in keep])
+    lengths = dataset.map(lambda b: {"n": [len(ids) for ids in tokenize(b)["input_ids"]]}, batched=True,
+                          remove_columns=columns)["n"]
+    dataset = dataset.map(tokenize, batched=True, fn_kwargs={"length": max(lengths)},
+                          remove_columns=[c for c in columns if c != "labels"])
     return dataset.with_format("torch")
 
 

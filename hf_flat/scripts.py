@@ -1,19 +1,79 @@
-"""What the example scripts share: argument parsing, the held-out split, and writing results."""
+"""What the example scripts share: argument parsing (flags, a JSON config, or both), the held-out
+split, resuming, training and evaluating, writing results, and one-line errors for user mistakes."""
 
+import json
+import logging
+import os
 import sys
+from contextlib import contextmanager
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+logger = logging.getLogger(__name__)
+
+#: The arguments that apply to each part of a `flat_method`, recorded in `flat_settings`.
+FLAT_SETTINGS = {
+    "sam": ("sam_rho",),
+    "asam": ("sam_rho", "asam_eta"),
+    "saf": ("saf_lambda", "saf_tau", "saf_start_epoch", "saf_past_epochs"),
+    "mesa": ("mesa_lambda", "mesa_tau", "mesa_decay", "mesa_start_epoch"),
+    "swa": ("average_start", "average_freq", "average_bn_batches"),
+    "ema": ("average_start", "ema_decay", "average_bn_batches"),
+}
+
+
+class ScriptError(ValueError):
+    """A mistake in a script's arguments or data, shown by `run` as one line without a traceback."""
 
 
 def parse_script_args(dataclass_types, defaults, argv=None):
-    """`HfArgumentParser` over `dataclass_types` with `defaults`. A single ``.json`` argument is read
-    as a config file; its extra keys (such as ``_source`` notes) are ignored."""
-    argv = sys.argv[1:] if argv is None else argv
+    """`HfArgumentParser` over `dataclass_types`. Values come from, lowest first: the dataclass
+    fields, the script's `defaults`, a JSON config given as the first argument, and the flags
+    after it (``run_vit.py cfg.json --num_train_epochs 1``). Config keys starting with ``_`` (such
+    as ``_source`` notes) are ignored; any other key must be one of the script's flags.
+    `resume_from_checkpoint` is resolved here (`checkpoint_to_resume`), before any data is read."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
     parser.set_defaults(**defaults)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0], allow_extra_keys=True)
-    return parser.parse_args_into_dataclasses(argv)
+    if argv and argv[0].endswith(".json"):
+        parser.set_defaults(**read_config(argv.pop(0), parser))
+    parsed = parser.parse_args_into_dataclasses(argv)
+    for args in parsed:
+        if isinstance(args, TrainingArguments):
+            args.resume_from_checkpoint = checkpoint_to_resume(args)
+        check_local_model(getattr(args, "model_name_or_path", None))
+    return parsed
+
+
+def check_local_model(name):
+    """Refuse a `--model_name_or_path` that is written as a local path (``./m``, ``/m``, ``~/m``,
+    ``a/b/c``) but does not exist, instead of the Hub's "Repo id must be in the form" error."""
+    if name is None or os.path.exists(os.path.expanduser(name)):
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+        raise ScriptError(f"model_name_or_path={name!r}: no such folder; give a saved model's folder "
+                          "(save_pretrained output or a checkpoint) or a Hub model name")
+
+
+def read_config(path, parser):
+    """The settings in the JSON config `path`, checked against `parser`'s flags."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ScriptError(f"config file {path!r} does not exist: give the path of a JSON config") from None
+    except json.JSONDecodeError as error:
+        raise ScriptError(f"config file {path!r} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ScriptError(f"config file {path!r} must hold a JSON object of flag names and values")
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ScriptError(f"config file {path!r}: unknown key(s) {', '.join(unknown)}; use the script's flag "
+                          "names without '--' (see --help), or start a note's key with '_'")
+    return config
 
 
 def split_and_limit(train, evaluation, data_args, seed):
@@ -29,9 +89,146 @@ def split_and_limit(train, evaluation, data_args, seed):
     return train, evaluation
 
 
-def save_results(trainer, metrics):
-    """The Trainer's usual `all_results.json` and `eval_results.json` (what `hf-flat compare`
-    reads), and the model."""
-    trainer.save_metrics("all", metrics)
-    trainer.save_metrics("eval", {k: v for k, v in metrics.items() if k.startswith("eval_")})
+def check_evaluation_data(evaluation, training_args, how):
+    """Refuse `eval_strategy` != 'no' without evaluation data; `how` says how to give some."""
+    strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
+    if evaluation is None and strategy != "no":
+        raise ScriptError(f"eval_strategy={strategy!r} but there is no evaluation data: "
+                          f"give {how} or --holdout_fraction, or pass --eval_strategy no to train without evaluation")
+
+
+def checkpoint_to_resume(args):
+    """The checkpoint `train()` resumes from, chosen as Hugging Face's transformers 5 example scripts do:
+
+    - ``--resume_from_checkpoint PATH``: that checkpoint folder, which must exist;
+    - ``--resume_from_checkpoint true``: the last ``checkpoint-N`` folder in ``--output_dir``;
+    - neither, and ``--output_dir`` already holds ``checkpoint-N`` folders: the last of them (logged);
+      to train from scratch instead, use another ``--output_dir`` or delete those folders;
+    - otherwise None: training starts from scratch.
+    """
+    value = args.resume_from_checkpoint
+    if value is None:
+        last = _last_checkpoint(args.output_dir)
+        if last is not None:
+            logger.warning(f"output_dir {args.output_dir!r} already holds checkpoints: resuming from {last}. To "
+                           "train from scratch, use another --output_dir or delete its checkpoint-* folders.")
+        return last
+    if str(value).lower() == "true":
+        last = _last_checkpoint(args.output_dir)
+        if last is None:
+            raise ScriptError(f"resume_from_checkpoint=true but output_dir {args.output_dir!r} holds no checkpoint-N "
+                              "folder: give the checkpoint's path, or train without --resume_from_checkpoint")
+        return last
+    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        raise ScriptError(f"resume_from_checkpoint={value!r} is not a checkpoint folder (no trainer_state.json there): "
+                          "give a checkpoint-N folder the Trainer wrote, or 'true' for the last one in --output_dir")
+    return value
+
+
+def _last_checkpoint(output_dir):
+    return get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
+
+
+class _Recorder(logging.Handler):
+    """Keeps each message; also prints it when no other handler would (Python's last resort)."""
+
+    def __init__(self, messages, show):
+        super().__init__(logging.WARNING)
+        self.messages, self.show = messages, show
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+        if self.show and logging.lastResort is not None:
+            logging.lastResort.handle(record)
+
+
+@contextmanager
+def recorded_warnings():
+    """The list of the messages `hf_flat` logs at WARNING level or above while the block runs
+    (they are still shown as usual)."""
+    messages = []
+    flat_logger = logging.getLogger("hf_flat")
+    handler = _Recorder(messages, show=not flat_logger.hasHandlers())
+    level = flat_logger.level
+    flat_logger.setLevel(min(flat_logger.getEffectiveLevel(), logging.WARNING))
+    flat_logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        flat_logger.removeHandler(handler)
+        flat_logger.setLevel(level)
+
+
+def load_weights_by_saved_names(trainer):
+    """Make `trainer` resume a model's weights through `from_pretrained` when the checkpoint names
+    them differently from the model's `state_dict()`.
+
+    transformers 5.24's `Trainer._load_from_checkpoint` loads ``model.safetensors`` as a raw state
+    dict (``strict=False``), but `save_pretrained` writes some models' weights under their older
+    names (ViT: ``vit.encoder.layer.0.attention.attention.query.weight`` for
+    ``vit.layers.0.attention.q_proj.weight``): a resumed ViT would keep its initial encoder, with
+    only a warning. `from_pretrained` renames them."""
+    from safetensors import safe_open
+
+    original = trainer._load_from_checkpoint
+
+    def load(checkpoint, model=None):
+        model = trainer.model if model is None else model
+        single = os.path.join(checkpoint, "model.safetensors")
+        index = os.path.join(checkpoint, "model.safetensors.index.json")
+        if os.path.isfile(single):
+            with safe_open(single, "pt") as f:
+                saved = set(f.keys())
+        elif os.path.isfile(index):
+            with open(index) as f:
+                saved = set(json.load(f)["weight_map"])
+        else:
+            saved = None
+        if saved is None or saved == set(model.state_dict()) or not hasattr(type(model), "from_pretrained"):
+            return original(checkpoint, model)
+        model.load_state_dict(type(model).from_pretrained(checkpoint).state_dict())
+
+    trainer._load_from_checkpoint = load
+
+
+def train_and_evaluate(trainer):
+    """Train, resuming from `args.resume_from_checkpoint` (as `parse_script_args` resolved it, with
+    `load_weights_by_saved_names`), then evaluate if there is evaluation data. Returns the metrics
+    and the warnings hf_flat logged during training."""
+    if trainer.args.resume_from_checkpoint:
+        load_weights_by_saved_names(trainer)
+    with recorded_warnings() as warnings:
+        metrics = dict(trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint).metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    return metrics, warnings
+
+
+def flat_record(args, warnings=()):
+    """`flat_method`, `flat_settings` (the arguments that apply to that method) and `flat_warnings`."""
+    parts = [p for p in (args.flat_perturbation, args.flat_averaging) if p]
+    settings = {name: getattr(args, name) for part in parts for name in FLAT_SETTINGS[part]}
+    return {"flat_method": str(args.flat_method), "flat_settings": settings, "flat_warnings": list(warnings)}
+
+
+def save_results(trainer, metrics, warnings=()):
+    """The model (with its tokenizer / image processor), and the Trainer's usual `all_results.json`
+    (`metrics` plus `flat_record`) and `eval_results.json` (when there are eval metrics): what
+    `hf-flat compare` reads."""
     trainer.save_model()
+    trainer.save_metrics("all", {**metrics, **flat_record(trainer.args, warnings)})
+    evaluation = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+    if evaluation:
+        trainer.save_metrics("eval", evaluation)
+
+
+def run(main):
+    """Run a script's `main()`, showing a user mistake (`ValueError`, a missing file) as one line on
+    stderr with exit status 2. Set ``HF_FLAT_TRACEBACK=1`` to see the traceback instead."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("HF_FLAT_TRACEBACK"):
+            raise
+        print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+        sys.exit(2)

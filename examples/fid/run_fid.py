@@ -1,8 +1,11 @@
-"""Fusion-in-Decoder (Izacard & Grave, 2021) on T5 with any flat method.
+"""Fusion-in-Decoder on T5 with any flat method. FiD: Gautier Izacard, Edouard Grave, "Leveraging
+Passage Retrieval with Generative Models for Open Domain Question Answering", EACL 2021,
+arXiv 2007.01282.
 
     python examples/fid/run_fid.py --model_name_or_path t5-base --train_file nq/train.json \\
         --eval_file nq/dev.json --n_context 100 --flat_method wasam
     python examples/fid/run_fid.py examples/fid/configs/fid_base_nq.json        # a JSON config
+    python examples/fid/run_fid.py examples/fid/configs/fid_base_nq.json --max_steps 100   # config + flags
 
 Data is the FiD JSON format: a list of ``{"question", "answers": [...], "ctxs": [{"title",
 "text"}, ...]}``. Each of the first `n_context` passages is encoded with the question
@@ -10,6 +13,9 @@ Data is the FiD JSON format: a list of ``{"question", "answers": [...], "ctxs": 
 the decoder. Training targets the first answer; evaluation generates an answer per question and
 reports exact match (SQuAD normalisation) as ``eval_exact_match``, next to the loss. SAF needs one
 row of logits per sample and is refused for this per-token model; MESA works per token.
+A JSON config given first keeps this script's defaults (``remove_unused_columns=False``, which
+FiD's collator needs) for what it does not set; flags after it win. Resuming, the saved model and
+tokenizer, and ``all_results.json`` work as in ``examples/vit/run_vit.py`` (``hf_flat.scripts``).
 """
 
 import json
@@ -22,7 +28,14 @@ from transformers import AutoTokenizer, T5ForConditionalGeneration, set_seed
 from transformers.modeling_outputs import BaseModelOutput
 
 from hf_flat import FlatTrainer, FlatTrainingArguments
-from hf_flat.scripts import parse_script_args, save_results
+from hf_flat.scripts import (
+    ScriptError,
+    check_evaluation_data,
+    parse_script_args,
+    run,
+    save_results,
+    train_and_evaluate,
+)
 
 DEFAULTS = dict(output_dir="out/fid", report_to="none", save_strategy="no", remove_unused_columns=False,
                 disable_tqdm=True)
@@ -54,7 +67,7 @@ class FiDT5(T5ForConditionalGeneration):
 
 @dataclass
 class DataArguments:
-    train_file: str = field(default=None, metadata={"help": "FiD JSON training file"})
+    train_file: str = field(default=None, metadata={"help": "FiD JSON training file (required)"})
     eval_file: str = field(default=None, metadata={"help": "FiD JSON evaluation file"})
     n_context: int = field(default=100, metadata={"help": "passages per question"})
     text_maxlength: int = field(default=250, metadata={"help": "tokens per question + passage"})
@@ -101,6 +114,30 @@ class FiDCollator:
                 "labels": labels}
 
 
+def load_fid_json(path, name):
+    """The examples in the FiD JSON file `path` (a list; JSON lines work too), checked for the keys used."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ScriptError(f"{name}={path!r} does not exist: give a FiD JSON file") from None
+    try:
+        examples = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            examples = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as error:
+            raise ScriptError(f"{name}={path!r} is neither JSON nor JSON lines ({error})") from None
+    if not isinstance(examples, list) or not examples:
+        raise ScriptError(f"{name}={path!r} must hold a non-empty list of FiD examples")
+    for i, example in enumerate(examples):
+        missing = [k for k in ("question", "answers", "ctxs") if k not in example]
+        if missing or not example["answers"]:
+            raise ScriptError(f"{name}={path!r}: example {i} lacks {', '.join(missing) or 'an answer'}; every example "
+                              "needs 'question', a non-empty 'answers' list and 'ctxs' [{'title', 'text'}, ...]")
+    return examples
+
+
 def evaluate_exact_match(model, tokenizer, collator, examples, batch_size, max_new_tokens, device):
     model.eval()
     scores = []
@@ -117,13 +154,11 @@ def main(argv=None):
     data_args, model_args, training_args = parse_script_args(
         (DataArguments, ModelArguments, FlatTrainingArguments), DEFAULTS, argv
     )
+    if data_args.train_file is None:
+        raise ScriptError("--train_file is required: a FiD JSON file of {question, answers, ctxs} examples")
     set_seed(training_args.seed)
-    with open(data_args.train_file) as f:
-        train = json.load(f)
-    evaluation = None
-    if data_args.eval_file:
-        with open(data_args.eval_file) as f:
-            evaluation = json.load(f)
+    train = load_fid_json(data_args.train_file, "train_file")
+    evaluation = load_fid_json(data_args.eval_file, "eval_file") if data_args.eval_file else None
     if data_args.holdout_fraction:
         generator = torch.Generator().manual_seed(training_args.seed)
         order = torch.randperm(len(train), generator=generator).tolist()
@@ -132,25 +167,24 @@ def main(argv=None):
     train = train[: data_args.max_train_samples] if data_args.max_train_samples else train
     if evaluation is not None and data_args.max_eval_samples:
         evaluation = evaluation[: data_args.max_eval_samples]
+    check_evaluation_data(evaluation, training_args, "--eval_file")
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = FiDT5.from_pretrained(model_args.model_name_or_path)
     collator = FiDCollator(tokenizer, data_args.n_context, data_args.text_maxlength, data_args.answer_maxlength)
     trainer = FlatTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                           data_collator=collator, processing_class=tokenizer)
-    train_result = trainer.train()
-    metrics = dict(train_result.metrics)
+    metrics, warnings = train_and_evaluate(trainer)
     if evaluation is not None:
-        metrics.update(trainer.evaluate())
         metrics["eval_exact_match"] = evaluate_exact_match(
             trainer.model, tokenizer, collator, evaluation, training_args.per_device_eval_batch_size,
             data_args.answer_maxlength, training_args.device,
         )
         trainer.log({"eval_exact_match": metrics["eval_exact_match"]})
-    save_results(trainer, metrics)
+    save_results(trainer, metrics, warnings)
     print(json.dumps({k: v for k, v in metrics.items() if k in ("eval_exact_match", "eval_loss", "train_loss")}))
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -5,15 +5,22 @@
     python examples/vit/run_vit.py --dataset_name cifar10 --model_name_or_path google/vit-base-patch16-224-in21k
     python examples/vit/run_vit.py --train_dir data/train --validation_dir data/val --model_name_or_path ./my-vit
     python examples/vit/run_vit.py examples/vit/configs/vit_b16_cifar10_wasam.json   # a JSON config
+    python examples/vit/run_vit.py my_config.json --num_train_epochs 1           # a config, then flags
 
-Every `FlatTrainingArguments` / `TrainingArguments` flag works (`--help`). `digits` is
-scikit-learn's 8x8 digits (offline) with a small ViT built from a config, sized for a CPU.
-`--holdout_fraction f` trains on the rest of the training split and evaluates on a held-out f of
-it (what `hf-flat compare --grid` uses to choose hyper-parameters). The Trainer's
-`all_results.json` / `eval_results.json` land in `--output_dir`.
+Every `FlatTrainingArguments` / `TrainingArguments` flag works (`--help`); a JSON config given
+first keeps this script's defaults for what it does not set, and flags after it win. `digits` is
+scikit-learn's 8x8 digits (offline) with a small ViT built from a config, sized for a CPU; image
+folders and `datasets` data need a pretrained `--model_name_or_path` with its image processor,
+which is saved with the trained model. `--holdout_fraction f` trains on the rest of the training
+split and evaluates on a held-out f of it (what `hf-flat compare --grid` uses to choose
+hyper-parameters); without evaluation data, pass `--eval_strategy no`. `--resume_from_checkpoint
+PATH` or `true` resumes, as does an `--output_dir` that already holds checkpoints
+(`hf_flat.scripts.checkpoint_to_resume`). The model and the Trainer's `all_results.json` (with
+`flat_method`, `flat_settings`, `flat_warnings`) / `eval_results.json` land in `--output_dir`.
 """
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +33,15 @@ from transformers import (
 )
 
 from hf_flat import FlatTrainer, FlatTrainingArguments
-from hf_flat.scripts import parse_script_args, save_results, split_and_limit
+from hf_flat.scripts import (
+    ScriptError,
+    check_evaluation_data,
+    parse_script_args,
+    run,
+    save_results,
+    split_and_limit,
+    train_and_evaluate,
+)
 from hf_flat.data import digits_splits
 
 DEFAULTS = dict(
@@ -75,26 +90,43 @@ def accuracy(eval_pred):
 
 
 def load_data(data_args):
-    """(train, eval, number of labels, already model-ready) for digits, image folders or a data set."""
-    from datasets import load_dataset
+    """(train, eval, label names, already model-ready) for digits, image folders or a data set."""
+    from datasets import ClassLabel, load_dataset
 
     if data_args.train_dir is None and data_args.dataset_name == "digits":
         splits = digits_splits(seed=0)
-        return splits["train"], splits["test"], 10, True
+        return splits["train"], splits["test"], [str(i) for i in range(10)], True
     if data_args.train_dir is not None:
-        raw = {"train": load_dataset("imagefolder", data_dir=data_args.train_dir, split="train")}
+        # one call for both folders, so that a class means the same label id in both
+        files = {"train": os.path.join(data_args.train_dir, "**")}
+        for name, folder in (("train_dir", data_args.train_dir), ("validation_dir", data_args.validation_dir)):
+            if folder is not None and not os.path.isdir(folder):
+                raise ScriptError(f"{name}={folder!r} is not a folder: give an image folder with one sub-folder per class")
         if data_args.validation_dir:
-            raw["validation"] = load_dataset("imagefolder", data_dir=data_args.validation_dir, split="train")
+            files["validation"] = os.path.join(data_args.validation_dir, "**")
+        raw = load_dataset("imagefolder", data_files=files)
         eval_name = "validation"
     else:
         raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         eval_name = data_args.validation_split_name
     train, evaluation = raw["train"], raw[eval_name] if eval_name in raw else None
-    label = data_args.label_column_name or next(c for c in ("label", "labels", "fine_label") if c in train.column_names)
+    label = data_args.label_column_name or next(
+        (c for c in ("label", "labels", "fine_label") if c in train.column_names), None)
+    if label not in train.column_names:
+        raise ScriptError(f"label_column_name={label!r} is not a column of the training data (columns: "
+                          f"{', '.join(train.column_names)}): name the label column with --label_column_name")
+    if not isinstance(train.features[label], ClassLabel):
+        raise ScriptError(f"the label column {label!r} holds {train.features[label]}, not class labels (ClassLabel)")
     if label != "labels":
         train = train.rename_column(label, "labels")
         evaluation = evaluation.rename_column(label, "labels") if evaluation is not None else None
-    return train, evaluation, train.features["labels"].num_classes, False
+    names = train.features["labels"].names
+    if evaluation is not None:
+        unseen = set(evaluation.unique("labels")) - set(train.unique("labels"))
+        if unseen:
+            raise ScriptError(f"the evaluation data has class(es) {', '.join(sorted(names[i] for i in unseen))} that "
+                              "the training data lacks: train on every class you evaluate on")
+    return train, evaluation, names, False
 
 
 def main(argv=None):
@@ -102,12 +134,20 @@ def main(argv=None):
         (DataArguments, ModelArguments, FlatTrainingArguments), DEFAULTS, argv
     )
     set_seed(training_args.seed)
-    train, evaluation, num_labels, ready = load_data(data_args)
+    if model_args.model_name_or_path is None and (data_args.train_dir or data_args.dataset_name != "digits"):
+        raise ScriptError("image folders and datasets need --model_name_or_path: a pretrained image classifier (Hub "
+                          "name or folder) with its image processor; only the built-in digits build a model")
+    train, evaluation, names, ready = load_data(data_args)
     train, evaluation = split_and_limit(train, evaluation, data_args, training_args.seed)
+    check_evaluation_data(evaluation, training_args, "--validation_dir (or a data set with a validation split)")
+    num_labels = len(names)
 
+    processor = None
     if model_args.model_name_or_path:
+        labels = dict(num_labels=num_labels, id2label=dict(enumerate(names)),
+                      label2id={name: i for i, name in enumerate(names)})
         model = AutoModelForImageClassification.from_pretrained(
-            model_args.model_name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True
+            model_args.model_name_or_path, ignore_mismatched_sizes=True, **labels
         )
     else:
         model = ViTForImageClassification(ViTConfig(
@@ -118,8 +158,10 @@ def main(argv=None):
     if not ready:  # images through the model's own image processor, on the fly
         processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
         image = data_args.image_column_name or next(
-            c for c, f in train.features.items() if type(f).__name__ == "Image"
-        )
+            (c for c, f in train.features.items() if type(f).__name__ == "Image"), None)
+        if image not in train.column_names:
+            raise ScriptError(f"image_column_name={image!r} is not a column of the training data (columns: "
+                              f"{', '.join(train.column_names)}): name the image column with --image_column_name")
 
         def transform(batch):
             pixels = processor([img.convert("RGB") for img in batch[image]], return_tensors="pt")["pixel_values"]
@@ -130,15 +172,15 @@ def main(argv=None):
                 dataset.set_transform(transform)
         training_args.remove_unused_columns = False
 
+    # processing_class: saved with the model, so that `hf-flat plane` / `interpolate` can read it
     trainer = FlatTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
-                          compute_metrics=accuracy)
-    train_result = trainer.train()
-    metrics = {**train_result.metrics, **trainer.evaluate()}
-    save_results(trainer, metrics)
-    print(json.dumps({"flat_method": training_args.flat_method, "eval_accuracy": metrics["eval_accuracy"],
-                      "eval_loss": metrics["eval_loss"], "train_runtime_s": metrics["train_runtime"]}))
+                          compute_metrics=accuracy, processing_class=processor)
+    metrics, warnings = train_and_evaluate(trainer)
+    save_results(trainer, metrics, warnings)
+    keys = ("eval_accuracy", "eval_loss", "train_loss", "train_runtime")
+    print(json.dumps({"flat_method": training_args.flat_method, **{k: metrics[k] for k in keys if k in metrics}}))
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,4 +1,6 @@
-"""Directions in weight space for loss-surface plots (seed 000, appendix A; Li et al. 2018).
+"""Directions in weight space for loss-surface plots (Kaddour, Liu, Silva, Kusner, "When Do Flat
+Minima Optimizers Work?", NeurIPS 2022, arXiv 2202.00661, appendix A; Li, Xu, Taylor, Studer,
+Goldstein, "Visualizing the Loss Landscape of Neural Nets", NeurIPS 2018, arXiv 1712.09913).
 
 A direction is a list of tensors shaped like the model's trainable parameters. Filter
 normalisation scales each filter (each slice along dimension 0 of a weight with 2 or more

@@ -1,6 +1,9 @@
 """Sharpness, asymmetry and curvature of a solution.
 
-- Adversarial m-sharpness (seed 001, section 4.3): over n batches U_i of size m,
+- Adversarial m-sharpness (Boca, Cross, Holm, Korkmaz, "Towards an Even Better Understanding of
+  Sharpness-Aware Minimisation", University of Cambridge R252 report, 2023, section 4.3; after
+  Foret, Kleiner, Mobahi, Neyshabur, "Sharpness-Aware Minimization for Efficiently Improving
+  Generalization", ICLR 2021, arXiv 2010.01412): over n batches U_i of size m,
   ``1/n sum_i [L_Ui(w + e_i) - L_Ui(w)]`` with ``e_i = rho * g_i / ||g_i||`` (SAM's perturbation).
 - Average sharpness: the same with ``e_i = rho * z / ||z||``, ``z ~ N(0, I)``.
 - Asymmetry factor (section 4.4): ``Omega = 1/k sum_i min(l+_i, l-_i) / max(l+_i, l-_i)`` with

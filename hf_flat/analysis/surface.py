@@ -1,5 +1,6 @@
 """Loss and metric of a model at points of weight space: interpolations and 2-D planes
-(seed 000, Figure 2 and appendix A). BatchNorm statistics are recomputed at every point when the
+(Kaddour, Liu, Silva, Kusner, "When Do Flat Minima Optimizers Work?", NeurIPS 2022, arXiv 2202.00661,
+Figure 2 and appendix A). BatchNorm statistics are recomputed at every point when the
 model has BatchNorm (appendix A)."""
 
 import contextlib
@@ -86,6 +87,12 @@ def interpolate(model_a, model_b, eval_sets: dict, alphas, train_batches=None, m
             f"only in the first: {sorted(named_a.keys() - named_b.keys())[:3]}, only in the second: "
             f"{sorted(named_b.keys() - named_a.keys())[:3]}."
         )
+    for name, p in named_a.items():
+        if p.shape != named_b[name].shape:
+            raise ValueError(
+                f"Parameter {name} has shape {tuple(p.shape)} in the first model and {tuple(named_b[name].shape)} "
+                "in the second: interpolate two models of the same architecture and size (e.g. the same num_labels)."
+            )
     a = [p.detach().float().clone() for p in named_a.values()]
     b = [named_b[name].detach().float() for name in named_a]  # paired by name
     rows = []
@@ -98,9 +105,10 @@ def interpolate(model_a, model_b, eval_sets: dict, alphas, train_batches=None, m
     return rows
 
 
-def plane(model, eval_sets: dict, steps=20, span=(-1.0, 1.0), seed=0, train_batches=None, metric=accuracy, progress=None):
+def plane(model, eval_sets: dict, steps=21, span=(-1.0, 1.0), seed=0, train_batches=None, metric=accuracy, progress=None):
     """Loss and metric on a `steps` x `steps` grid theta + alpha delta + beta eta over `span`^2, with
-    `plane_directions` drawn from `seed`. Returns the grid and the directions."""
+    `plane_directions` drawn from `seed`. Returns the grid and the directions. An odd `steps` on a
+    symmetric span puts the model itself, (0, 0), on the grid."""
     generator = torch.Generator().manual_seed(seed)
     center = [p.detach().float().clone() for _, p in trainable(model)]
     delta, eta = plane_directions(center, generator)
