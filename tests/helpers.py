@@ -173,3 +173,38 @@ def assert_same_weights(a, b, atol=1e-6):
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k].float(), sb[k].float(), atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+ROBERTA_WORDS = ["<pad>", "<unk>", "<s>", "</s>", "good", "bad", "film", "very", "not", "a", "plot"]
+T5_WORDS = ["<pad>", "</s>", "<unk>", "question:", "title:", "context:", "who", "wrote", "hamlet", "shakespeare",
+            "paris", "capital", "of", "france", "is", "the", "play", "city"]
+
+
+def save_tiny_roberta(path) -> str:
+    """A 1-layer RoBERTa classifier and its WordLevel tokenizer (`ROBERTA_WORDS`), saved in `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
+
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(ROBERTA_WORDS)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(path)
+    torch.manual_seed(0)
+    RobertaForSequenceClassification(RobertaConfig(vocab_size=len(ROBERTA_WORDS), hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=16,
+                                                   max_position_embeddings=40, pad_token_id=0)).save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_t5(path) -> str:
+    """A 1-layer T5 and its WordLevel tokenizer (`T5_WORDS`), saved in `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(T5_WORDS)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(T5Config(vocab_size=len(T5_WORDS), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).save_pretrained(path)
+    return str(path)

@@ -7,24 +7,14 @@ import sys
 import pytest
 import torch
 
+from helpers import save_tiny_t5
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "fid"))
 
 
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
-
-    path = tmp_path_factory.mktemp("t5")
-    words = ["<pad>", "</s>", "<unk>", "question:", "title:", "context:", "who", "wrote", "hamlet", "shakespeare",
-             "paris", "capital", "of", "france", "is", "the", "play", "city"]
-    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
-    torch.manual_seed(0)
-    T5ForConditionalGeneration(T5Config(vocab_size=len(words), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
-                                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).save_pretrained(path)
-    return str(path)
+    return save_tiny_t5(tmp_path_factory.mktemp("t5"))
 
 
 def fid_examples(n):

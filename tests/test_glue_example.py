@@ -6,27 +6,15 @@ import os
 import sys
 
 import pytest
-import torch
+
+from helpers import save_tiny_roberta
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "glue"))
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
-
-    path = tmp_path_factory.mktemp("model")
-    words = ["<pad>", "<unk>", "<s>", "</s>", "good", "bad", "film", "very", "not", "a", "plot"]
-    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(path)
-    torch.manual_seed(0)
-    RobertaForSequenceClassification(RobertaConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
-                                                   num_attention_heads=2, intermediate_size=16,
-                                                   max_position_embeddings=40, pad_token_id=0)).save_pretrained(path)
-    return str(path)
+    return save_tiny_roberta(tmp_path_factory.mktemp("model"))
 
 
 def write_csv(path, header, rows):
