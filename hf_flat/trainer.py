@@ -8,6 +8,7 @@ accumulation, clipping, mixed precision, DDP, checkpoints, evaluation) is the Tr
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import time
@@ -17,6 +18,7 @@ from accelerate.utils import DistributedType
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR, default_compute_objective, get_last_checkpoint, speed_metrics,
 )
@@ -108,6 +110,8 @@ class FlatTrainer(Trainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint:
+            refuse_incomplete_checkpoint(str(resume_from_checkpoint))
         self._flat_checkpoint = resume_from_checkpoint or None
         self._log_sums, self._log_steps = {}, 0
         self._set_up_flat_methods()
@@ -358,6 +362,41 @@ class FlatTrainer(Trainer):
             if "trajectory_loss" in logs:
                 logs["task_loss"] = logs["loss"] - logs["trajectory_loss"]
         super().log(logs, start_time)
+
+
+def checkpoint_is_complete(folder: str) -> bool:
+    """Whether the Trainer finished writing `folder`: `trainer_state.json`, the last file it writes
+    into a checkpoint, is there and readable. (The flat state file is written first, atomically.)"""
+    try:
+        with open(os.path.join(folder, TRAINER_STATE_NAME)) as f:
+            json.load(f)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def refuse_incomplete_checkpoint(folder: str):
+    """A run stopped while writing `folder` (a `kill -9`, a lost machine) leaves it incomplete:
+    resuming from it would fail half-way or restore a mix of states. Refuse, and name the newest
+    complete checkpoint beside it."""
+    if checkpoint_is_complete(folder):
+        return
+    parent = os.path.dirname(os.path.abspath(folder))
+    steps = sorted(
+        (int(name.rsplit("-", 1)[1]), os.path.join(parent, name))
+        for name in os.listdir(parent)
+        if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and name.rsplit("-", 1)[1].isdigit()
+    )
+    usable = [path for _, path in steps if path != os.path.abspath(folder) and checkpoint_is_complete(path)]
+    instead = (
+        f"Resume from {usable[-1]} instead (the newest complete one), or delete {folder}."
+        if usable
+        else "No complete checkpoint is left beside it: delete it and train from the start."
+    )
+    raise ValueError(
+        f"Checkpoint {folder} is incomplete: its {TRAINER_STATE_NAME} is missing or unreadable, so the run was "
+        f"stopped while writing it. {instead}"
+    )
 
 
 def averaged_prefix(metric_key_prefix: str) -> str:
