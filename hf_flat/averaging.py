@@ -300,12 +300,31 @@ def save_flat_state(path, parts, flat_method=None):
     os.replace(temporary, path)
 
 
+#: The layout version of each part of the flat state file that this hf-flat reads.
+READABLE_VERSIONS = {"hf_flat_state_version": STATE_VERSION, "averaging_version": "1", "saf_version": "1",
+                     "mesa_version": "1"}
+
+
 def load_flat_state(path):
+    """The tensors and metadata of a flat state file, after checking that this hf-flat can read
+    every part of it (its version keys); a damaged or foreign file is a clear error."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    return load_file(path), meta
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path} cannot be read as a flat state file ({error}): resume from another checkpoint.") from error
+    for key, value in meta.items():
+        if key.endswith("_version") and READABLE_VERSIONS.get(key) != value:
+            readable = READABLE_VERSIONS.get(key)
+            raise ValueError(
+                f"{path} holds {key}={value!r}, which this hf-flat cannot read"
+                + (f" (it reads version {readable!r})" if readable else " (a part it does not know)")
+                + ": resume with the hf-flat version that wrote the checkpoint."
+            )
+    return tensors, meta
 
 
 def build_averaging(args, batchnorm_batches=None) -> WeightAveraging | None:

@@ -333,3 +333,46 @@ def test_a_trajectory_term_that_never_started_is_reported(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         FlatTrainer(model=TinyNet(), args=args, train_dataset=EndlessStream()).train()
     assert any("MESA never changed the loss" in r.getMessage() for r in caplog.records)
+
+
+def test_flat_state_files_are_checked_on_load(tmp_path):
+    """A newer layout version, a damaged file, a SAF memory for another data set and a MESA
+    teacher for another model are refused with errors that say so."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    checkpoint = checkpoint_of(tmp_path, "wasam", average_start=0.25, average_freq=1)
+    state = checkpoint / FLAT_STATE
+
+    def resume_wasam():
+        args = sgd_args(tmp_path / "resumed", flat_method="wasam", max_steps=4, average_start=0.25, average_freq=1)
+        FlatTrainer(model=TinyNet(), args=args, train_dataset=TinyData()).train(resume_from_checkpoint=str(checkpoint))
+
+    with safe_open(state, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, state, metadata={**meta, "averaging_version": "2"})
+    with pytest.raises(ValueError, match="averaging_version='2', which this hf-flat cannot read"):
+        resume_wasam()
+    state.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="cannot be read as a flat state file"):
+        resume_wasam()
+
+    saf_args = dict(flat_method="saf", saf_start_epoch=1, saf_past_epochs=1, num_train_epochs=3)
+    FlatTrainer(model=TinyNet(), args=sgd_args(tmp_path / "saf", save_strategy="steps", save_steps=6, **saf_args),
+                train_dataset=TinyData()).train()
+    with pytest.raises(ValueError, match="rows for 16 samples but train_dataset has 12"):
+        FlatTrainer(model=TinyNet(), args=sgd_args(tmp_path / "saf-resumed", **saf_args),
+                    train_dataset=TinyData(n=12)).train(resume_from_checkpoint=str(tmp_path / "saf" / "checkpoint-6"))
+
+    class WiderNet(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.fc2 = torch.nn.Linear(6, 5)
+
+    from hf_flat.averaging import load_flat_state
+    from hf_flat.methods import MESA
+
+    mesa = MESA()  # (the Trainer itself refuses such a model's weights first; the teacher checks its own)
+    mesa.load_state_dict(*load_flat_state(checkpoint_of(tmp_path, "mesa", mesa_start_epoch=0) / FLAT_STATE))
+    with pytest.raises(ValueError, match="MESA teacher in the checkpoint does not fit the model: fc2.weight"):
+        mesa.build_teacher(WiderNet())

@@ -49,9 +49,17 @@ class MESA(TrajectoryMethod):
         for p in teacher.parameters():
             p.requires_grad_(False)
         if self._loaded is not None:
-            missing = set(teacher.state_dict()) - set(self._loaded)
+            own = teacher.state_dict()
+            missing = set(own) - set(self._loaded)
             if missing:
                 raise ValueError(f"The MESA teacher in the checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}.")
+            wrong = [k for k in own if own[k].shape != self._loaded[k].shape]
+            if wrong:
+                raise ValueError(
+                    f"The MESA teacher in the checkpoint does not fit the model: {wrong[0]} has shape "
+                    f"{tuple(self._loaded[wrong[0]].shape)} there and {tuple(own[wrong[0]].shape)} in the model. "
+                    "Resume with the model that wrote the checkpoint."
+                )
             teacher.load_state_dict(self._loaded)
             self._loaded = None
         self.teacher = teacher
