@@ -305,7 +305,8 @@ def run(argv=None) -> dict:
     if args.command == "interpolate":
         model_a, model_b = models
         bn = train_batches if has_batchnorm(model_a) else None
-        alphas = grid_points(args.alpha_min, args.alpha_max, args.points)
+        # the two models themselves are always evaluated, whatever the spacing of the other points
+        alphas = sorted(set(grid_points(args.alpha_min, args.alpha_max, args.points)) | {0.0, 1.0})
         with tqdm(total=len(alphas), desc="interpolation") as bar:
             rows = interpolate(model_a, model_b, eval_sets, alphas, bn, progress=lambda i, n: bar.update(1))
         results["interpolation"] = rows

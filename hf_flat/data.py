@@ -207,12 +207,28 @@ def encode_labels(dataset, config, label_column="label"):
         dataset = dataset.cast_column("labels", Value("int64"))
     elif dtype is not None and dtype.startswith(("int", "uint")) and getattr(config, "num_labels", 0) > 1:
         values = dataset.with_format(None)["labels"]
+        label2id = dict(getattr(config, "label2id", None) or {})
+        if label2id and all(str(k).lstrip("-").isdigit() for k in label2id):
+            # the model was trained on integer labels by name (run_glue.py saves labels 1, 4, 5 as "1", "4", "5")
+            bad = sorted({v for v in values if str(v) not in label2id})
+            if not bad:
+                from datasets import Value
+
+                dataset = dataset.map(lambda row: {"labels": label2id[str(row["labels"])]})
+                return dataset.cast_column("labels", Value("int64"))
+            raise UsageError(
+                f"--label_column {label_column}: labels {bad[:5]} are not in the model config's label2id "
+                f"({sorted(label2id)[:10]})"
+                + ("; unlabelled splits (-1, e.g. GLUE's test) cannot be scored: pass --eval_split validation."
+                   if -1 in bad else ".")
+            )
         bad = sorted({v for v in values if not 0 <= v < config.num_labels})
         if bad:
             raise UsageError(
                 f"--label_column {label_column}: labels {bad[:5]} are not class ids of this model's "
-                f"{config.num_labels} classes (0 to {config.num_labels - 1}); unlabelled splits (-1, e.g. GLUE's "
-                "test) cannot be scored: pass --eval_split validation."
+                f"{config.num_labels} classes (0 to {config.num_labels - 1})"
+                + ("; unlabelled splits (-1, e.g. GLUE's test) cannot be scored: pass --eval_split validation."
+                   if -1 in bad else ".")
             )
     return dataset
 

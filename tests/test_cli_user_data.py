@@ -205,3 +205,29 @@ def test_help_defaults_and_the_centre_of_the_default_plane(capsys):
     args = parser.parse_args(["plane", "m", "--data", "d", "--output_dir", "o"])
     assert 0.0 in grid_points(-args.span, args.span, args.steps)
     assert parser.parse_args(["sharpness", "m", "--data", "d", "--output_dir", "o"]).mu == 1.0
+
+
+def test_integer_labels_by_name_regression_heads_and_the_interpolation_ends(tmp_path, capsys):
+    """A model trained on integer labels 3 / 7 (run_glue.py saves them as label2id {"3": 0, "7": 1})
+    reads them through label2id; a regression head gets no accuracy; `interpolate` always evaluates
+    the two models themselves, whatever --points says."""
+    model = save_tiny_bert(tmp_path / "stars")
+    model.config.label2id, model.config.id2label = {"3": 0, "7": 1}, {0: "3", 1: "7"}
+    model.save_pretrained(tmp_path / "stars")
+    by_name = run(["interpolate", str(tmp_path / "stars"), str(tmp_path / "stars"), "--points", "10",
+                   "--data", write_csv(tmp_path / "stars.csv", [[3, 7][y] for y in LABELS]),
+                   "--output_dir", str(tmp_path / "a")])
+    alphas = [row["alpha"] for row in by_name["interpolation"]]
+    assert 0.0 in alphas and 1.0 in alphas and len(alphas) == 12
+    save_tiny_bert(tmp_path / "ids")  # the same weights, its classes named neg / pos: labels are class ids
+    ids = run(["interpolate", str(tmp_path / "ids"), str(tmp_path / "ids"), "--points", "2",
+               "--data", write_csv(tmp_path / "ids.csv", LABELS), "--output_dir", str(tmp_path / "b")])
+    assert by_name["interpolation"][alphas.index(0.0)]["test"] == ids["interpolation"][0]["test"]
+    status, err = error_of(capsys, ["plane", str(tmp_path / "stars"), "--data", write_csv(tmp_path / "bad.csv", [5] * 8),
+                                    "--output_dir", str(tmp_path / "c")])
+    assert status == 2 and "labels [5] are not in the model config's label2id" in err
+
+    regression = BertForSequenceClassification(BertConfig(vocab_size=len(WORDS), hidden_size=8, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=8, num_labels=1))
+    batch = {"input_ids": torch.tensor([[2, 4, 3], [2, 5, 3]]), "labels": torch.tensor([0.0, 1.0])}
+    assert "metric" not in evaluate(regression, lambda: [batch])

@@ -38,7 +38,8 @@ def evaluate(model, batches, metric=accuracy) -> dict:
         n = next(iter(batch.values())).shape[0]
         total_loss += loss.float().item() * n
         labels = batch.get("labels")
-        if metric is not None and labels is not None and logits is not None and logits.dim() == 2:
+        # (a single output is a regression head: argmax-style metrics mean nothing there)
+        if metric is not None and labels is not None and logits is not None and logits.dim() == 2 and logits.shape[-1] > 1:
             total_metric += metric(logits, labels)
             has_metric = True
         count += n

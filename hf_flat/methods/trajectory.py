@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.trainer_utils import _is_peft_model
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -108,8 +107,11 @@ def valid_positions(inputs: Mapping, logits: torch.Tensor, causal: bool) -> torc
 
 # ---- what kind of model ------------------------------------------------------------------------
 def unwrapped(model):
-    """`model` without its PEFT wrapper, as `Trainer.compute_loss` unwraps it."""
-    return model.base_model.model if _is_peft_model(model) else model
+    """`model` without its PEFT wrapper, as `Trainer.compute_loss` unwraps it (a `PeftModel` has a
+    ``peft_config`` and keeps the wrapped model in ``base_model.model``)."""
+    if hasattr(model, "peft_config") and hasattr(getattr(model, "base_model", None), "model"):
+        return model.base_model.model
+    return model
 
 
 def is_causal_lm(model) -> bool:
