@@ -4,6 +4,22 @@ The trainer stays thin: it builds the methods that `args.flat_method` names and 
 them: two-pass steps (`hf_flat.methods.sam`), trajectory losses (`hf_flat.methods.saf` /
 `mesa`) and weight averaging (`hf_flat.averaging`, a callback). Everything else (gradient
 accumulation, clipping, mixed precision, DDP, checkpoints, evaluation) is the Trainer's own code.
+
+Private `Trainer` members it still relies on, because no public hook does the same job, and the
+tests that fail if their behaviour changes:
+
+- `_save_checkpoint` (write the flat state into the folder before the Trainer pushes it; `on_save`
+  runs after the push) and `_get_output_dir` (that folder's name): the Hub-push, resume and
+  crash-safety tests in tests/test_trainer_surface.py, test_averaging.py, test_crash_safety.py.
+- `_hp_search_setup` (the point where a trial's values are on `args`): the optuna test in
+  tests/test_trainer_surface.py.
+- the rule behind `loss_is_scaled_for_ga` (copied in `_loss_is_scaled_for_ga`, read with a fallback
+  where the attribute is missing): tests/test_private_members.py.
+- `_remove_unused_columns`, `_get_collator_with_removed_columns`, `_train_batch_size` (after
+  `auto_find_batch_size`) and `_prepare_inputs`, to batch the training data exactly as for training
+  when BatchNorm is recomputed: the BatchNorm tests in tests/test_averaging.py compare with a hand pass.
+- `_set_signature_columns_if_needed` / `_signature_columns`, so that SAF's sample index survives
+  column removal: the SAF tests with a `datasets.Dataset` and extra columns.
 """
 
 import dataclasses
