@@ -42,3 +42,23 @@ def test_the_copied_loss_scaling_rule_matches_the_trainers(tmp_path, model_cls, 
     assert divided != trainer._loss_is_scaled_for_ga(items)
     # and the rule really distinguishes the cases this test covers
     assert trainer._loss_is_scaled_for_ga(items) == (model_cls is TokenCountNet and num_items is not None)
+
+
+def test_trajectory_term_is_scaled_alike_for_both_kinds_of_loss(tmp_path):
+    """Under gradient accumulation 2, a model that normalises its summed loss by the step's
+    `num_items_in_batch` (the Trainer then does not divide by 2) trains exactly like one that
+    returns the mean (the Trainer divides by 2): MESA's term and its logged value must follow the
+    same rule, or the two runs part."""
+    runs = []
+    for model_cls in (TinyNet, TokenCountNet):
+        args = sgd_args(tmp_path / model_cls.__name__, flat_method="mesa", mesa_start_epoch=0, mesa_decay=0.5,
+                        gradient_accumulation_steps=2, num_train_epochs=2)
+        trainer = FlatTrainer(model=model_cls(), args=args, train_dataset=TinyData())
+        trainer.train()
+        terms = [h["trajectory_loss"] for h in trainer.state.log_history if "trajectory_loss" in h]
+        runs.append((trainer.model.state_dict(), terms))
+    (mean_weights, mean_terms), (summed_weights, summed_terms) = runs
+    assert len(mean_terms) == 4 and all(t > 0 for t in mean_terms[1:])
+    assert summed_terms == pytest.approx(mean_terms, rel=1e-5)
+    for k, v in mean_weights.items():
+        torch.testing.assert_close(summed_weights[k], v, atol=1e-6, rtol=0)
