@@ -169,7 +169,9 @@ class WeightAveraging(TrainerCallback):
         if not self.on_cpu:  # restored from a checkpoint, on the CPU
             self.average = {n: a.to(self.params[n].device) for n, a in self.average.items()}
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # After every callback's on_step_begin and the backward passes, before the weights move: a
+        # parameter that became trainable since still holds its frozen value here.
         self.admit_new_parameters()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

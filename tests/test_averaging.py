@@ -267,21 +267,27 @@ def test_a_dict_of_eval_sets_gets_eval_avg_metrics_for_each(tmp_path):
 
 
 class GradualUnfreezing(TrainerCallback):
-    """fc1 is frozen at the start and joins the trainable set after step `join`; fc2 leaves it
-    after step `leave` (as gradual unfreezing / freezing callbacks do)."""
+    """fc1 is frozen at the start and joins the trainable set after step `join` (at the end of that
+    step, or at the beginning of the next one: then it trains in that step); fc2 leaves it after
+    step `leave` (as gradual unfreezing / freezing callbacks do)."""
 
-    def __init__(self, join, leave):
-        self.join, self.leave = join, leave
+    def __init__(self, join, leave, event="on_step_end"):
+        self.join, self.leave, self.event = join, leave, event
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.event == "on_step_begin" and state.global_step == self.join:
+            model.fc1.requires_grad_(True)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.join:
+        if self.event == "on_step_end" and state.global_step == self.join:
             model.fc1.requires_grad_(True)
         if state.global_step == self.leave:
             model.fc2.requires_grad_(False)
 
 
+@pytest.mark.parametrize("event", ["on_step_end", "on_step_begin"])
 @pytest.mark.parametrize("method", ["swa", "ema"])
-def test_parameters_joining_and_leaving_the_trainable_set_keep_their_own_average(tmp_path, method):
+def test_parameters_joining_and_leaving_the_trainable_set_keep_their_own_average(tmp_path, method, event):
     """The average is kept by name: each layer gets its own trajectory's mean, including a layer
     that joins after averaging began (its frozen value stands for the earlier snapshots) and one
     that leaves (its frozen value keeps entering). eval_avg_loss is the loss of that average."""
@@ -294,7 +300,7 @@ def test_parameters_joining_and_leaving_the_trainable_set_keep_their_own_average
         args=sgd_args(tmp_path, num_train_epochs=3, flat_method=method, average_start=0.25, average_freq=1,
                       ema_decay=0.5, eval_strategy="steps", eval_steps=12),
         train_dataset=TinyData(), eval_dataset=eval_data, data_collator=RecordingCollator(),
-        callbacks=[recorder, GradualUnfreezing(join=5, leave=9)], optimizers=(optimizer, None),
+        callbacks=[recorder, GradualUnfreezing(join=5, leave=9, event=event)], optimizers=(optimizer, None),
     )
     trainer.train()
     weights = recorder.weights
