@@ -110,7 +110,6 @@ class WeightAveraging(TrainerCallback):
         self.average: dict[str, torch.Tensor] = {}  # parameter name -> float32 average
         self.count = 0  # snapshots in the SWA mean / EMA updates so far
         self.start_step = None
-        self.first_snapshot_step = None  # None: no snapshot will be taken in this run
         self.params: dict[str, nn.Parameter] = {}  # the model's parameters by name, set when training begins
 
     # ---- schedule ------------------------------------------------------------------------
@@ -124,8 +123,7 @@ class WeightAveraging(TrainerCallback):
         self.start_step = max(1, math.ceil(self.start * state.max_steps))
         self.params = dict(model.named_parameters())
         self._check_restored_average()
-        self.first_snapshot_step = self.first_snapshot(state.max_steps)
-        if self.first_snapshot_step is None and self.count == 0:
+        if self.first_snapshot(state.max_steps) is None and self.count == 0:
             logger.warning(self.no_snapshot_message(args.flat_method, state.max_steps, ended=False))
 
     def first_snapshot(self, max_steps) -> int | None:
@@ -208,7 +206,7 @@ class WeightAveraging(TrainerCallback):
             self.average = {n: self._float32_copy(p) for n, p in self.params.items() if p.requires_grad}
             self.count = 1
             return
-        self.admit_new_parameters()
+        self.admit_new_parameters()  # also those unfrozen after the optimizer step (they did not move)
         names = list(self.average)
         average = [self.average[n] for n in names]
         current = [self.params[n].detach() for n in names]
