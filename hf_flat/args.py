@@ -14,14 +14,18 @@ what is allowed.
 
 import copyreg
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 #: Perturbation methods implemented so far (`hf_flat.methods.PERTURBATIONS` builds them).
-PERTURBATION_METHODS = ("sam", "asam", "saf", "mesa")
-#: The perturbation methods that take two forward/backward passes per micro-batch.
-TWO_PASS_METHODS = ("sam", "asam")
+PERTURBATION_METHODS = ("sam", "asam", "avg_sam", "saf", "mesa")
+#: The methods that move the weights to ``w + e`` for a forward/backward pass (`hf_flat.methods.two_pass`):
+#: two passes for SAM and ASAM, one for average SAM, whose ``e`` needs no gradient.
+TWO_PASS_METHODS = ("sam", "asam", "avg_sam")
+#: Where and when those methods perturb, with their defaults (the arguments only they read).
+PERTURBATION_SETTINGS = {"sam_m": None, "sam_scope": "micro", "sam_start": 0.0, "sam_interval": 1}
 #: Averaging methods implemented so far.
 AVERAGING_METHODS = ("swa", "ema")
 #: Names the papers use for combinations.
@@ -92,18 +96,52 @@ class FlatArgumentsMixin:
     flat_method: str = field(
         default="none",
         metadata={
-            "help": "Flat-minima method: 'none' (the plain Trainer), a perturbation method ('sam', 'asam'), "
+            "help": "Flat-minima method: 'none' (the plain Trainer), a perturbation method ('sam', 'asam', "
+            "'avg_sam', 'saf', 'mesa'), "
             "an averaging method ('swa', 'ema'), or '<perturbation>+<averaging>' ('wasam' = 'sam+swa'). "
             "Accepted: " + ", ".join(accepted_flat_methods()) + "."
         },
     )
     sam_rho: float = field(
         default=0.05,
-        metadata={"help": "Radius rho of the SAM / ASAM perturbation (> 0). ASAM's authors use 0.5-1.0."},
+        metadata={
+            "help": "Radius rho of the SAM / ASAM / average-SAM perturbation (> 0). ASAM's authors use 0.5-1.0; "
+            "average SAM's (random directions) 0.5 and 1.0."
+        },
     )
     asam_eta: float = field(
         default=0.01,
         metadata={"help": "ASAM's eta (>= 0): the scale of a weight is |w| + eta."},
+    )
+    sam_m: int | None = field(
+        default=None,
+        metadata={
+            "help": "SAM / ASAM / average SAM: samples per perturbation (m-sharpness). None: one perturbation per "
+            "per-device micro-batch; an m that divides per_device_train_batch_size cuts each micro-batch into "
+            "chunks of m samples, each perturbed with its own gradient (costs one more pass pair per chunk)."
+        },
+    )
+    sam_scope: str = field(
+        default="micro",
+        metadata={
+            "help": "SAM / ASAM / average SAM: 'micro' (one perturbation per micro-batch and process, or per "
+            "sam_m samples) or 'step' (n-SAM: one perturbation per optimizer step, from the gradient of the whole "
+            "step over every micro-batch and process; keeps the step's inputs until its last micro-batch)."
+        },
+    )
+    sam_start: float = field(
+        default=0.0,
+        metadata={
+            "help": "SAM / ASAM / average SAM: perturb only from optimizer step max(1, ceil(sam_start * T)) on, "
+            "in [0, 1) (late-phase SAM: Zhou et al., ICLR 2025). Earlier steps are plain steps."
+        },
+    )
+    sam_interval: int = field(
+        default=1,
+        metadata={
+            "help": "SAM / ASAM / average SAM: perturb every sam_interval-th optimizer step from the first "
+            "perturbed one (>= 1); the steps between are plain steps."
+        },
     )
 
     average_start: float = field(
@@ -181,6 +219,7 @@ class FlatArgumentsMixin:
         _check(self, "saf_past_epochs", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
         _check(self, "mesa_decay", lambda v: _is_number(v) and 0 < v < 1, "in (0, 1)")
         _check(self, "average_bn_batches", lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1")
+        self._check_where_and_when()
         if self.flat_perturbation in TWO_PASS_METHODS:
             self._refuse_unsupported_two_pass_setups()
         if self.flat_perturbation == "mesa" and (self.deepspeed or self.fsdp):
@@ -196,19 +235,48 @@ class FlatArgumentsMixin:
                 "(or another eval_avg_ metric), and set load_best_model_at_end=False."
             )
 
+    def _check_where_and_when(self):
+        """`sam_m`, `sam_scope`, `sam_start`, `sam_interval`: their values, and a warning when they are
+        set for a method that does not read them."""
+        _check(self, "sam_m", lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1")
+        _check(self, "sam_scope", lambda v: v in ("micro", "step"), "'micro' or 'step'")
+        _check(self, "sam_start", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+        _check(self, "sam_interval", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        if self.sam_m is not None:
+            if self.sam_scope == "step":
+                raise ValueError(
+                    f"sam_m={self.sam_m!r} is not allowed with sam_scope='step': that scope takes one perturbation "
+                    "per optimizer step, from the whole step's gradient. Set sam_m=None, or use sam_scope='micro'."
+                )
+            batch = self.per_device_train_batch_size
+            if _is_int(batch) and batch % self.sam_m:
+                raise ValueError(
+                    f"sam_m={self.sam_m!r} is not allowed with per_device_train_batch_size={batch}: it must divide "
+                    f"the per-device batch size (one perturbation per sam_m samples). Divisors of {batch}: "
+                    + ", ".join(str(d) for d in range(1, batch + 1) if batch % d == 0) + "."
+                )
+        if self.flat_perturbation not in TWO_PASS_METHODS:
+            changed = [f"{k}={getattr(self, k)!r}" for k, v in PERTURBATION_SETTINGS.items() if getattr(self, k) != v]
+            if changed:
+                warnings.warn(
+                    f"{', '.join(changed)} has no effect with flat_method={self.flat_method!r}: only "
+                    f"{', '.join(TWO_PASS_METHODS)} (and their combinations with averaging) read it.",
+                    stacklevel=3,
+                )
+
     def _refuse_unsupported_two_pass_setups(self):
         method = self.flat_method
         if self.deepspeed:
             raise ValueError(
-                f"flat_method={method!r} takes two forward/backward passes per micro-batch, which DeepSpeed "
-                "cannot run: its backward() already steps the optimizer and ZeRO-3 keeps no full weights to "
-                "perturb. Drop deepspeed= and train with DDP (`accelerate launch` / `torchrun`), using "
+                f"flat_method={method!r} moves the weights to w + e for a forward/backward pass and back before the "
+                "optimizer step, which DeepSpeed cannot run: its backward() already steps the optimizer and ZeRO-3 "
+                "keeps no full weights to perturb. Drop deepspeed= and train with DDP (`accelerate launch` / `torchrun`), using "
                 "PEFT/LoRA if the model is too large, or use flat_method='none'."
             )
         if self.fsdp:
             raise ValueError(
-                f"flat_method={method!r} is not supported with fsdp={self.fsdp!r}: the perturbation needs the "
-                "norm of the gradient over all shards. Train with DDP (`accelerate launch` / `torchrun`), "
+                f"flat_method={method!r} is not supported with fsdp={self.fsdp!r}: the perturbation needs its "
+                "norm over all shards. Train with DDP (`accelerate launch` / `torchrun`), "
                 "using PEFT/LoRA if the model is too large."
             )
         optim = str(getattr(self.optim, "value", self.optim))

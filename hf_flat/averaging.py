@@ -32,6 +32,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
+from .methods.two_pass import start_step
+
 logger = logging.get_logger(__name__)
 
 #: Bumped when the layout of the averaging entries in the checkpoint file changes.
@@ -120,7 +122,7 @@ class WeightAveraging(TrainerCallback):
                 "the training data has no length (an IterableDataset), so the Trainer cannot tell where an epoch "
                 "ends. Set average_freq to the number of optimizer steps between snapshots."
             )
-        self.start_step = max(1, math.ceil(self.start * state.max_steps))
+        self.start_step = start_step(self.start, state.max_steps)
         self.params = dict(model.named_parameters())
         self._check_restored_average()
         if self.first_snapshot(state.max_steps) is None and self.count == 0:
@@ -302,7 +304,7 @@ def save_flat_state(path, parts, flat_method=None):
 
 #: The layout version of each part of the flat state file that this hf-flat reads.
 READABLE_VERSIONS = {"hf_flat_state_version": STATE_VERSION, "averaging_version": "1", "saf_version": "1",
-                     "mesa_version": "1"}
+                     "mesa_version": "1", "avg_sam_version": "1"}
 
 
 def load_flat_state(path):

@@ -75,8 +75,11 @@ class FlatTrainer(Trainer):
         >>> args = TrainingArguments("out", flat_method="sam", sam_rho=0.05)
         >>> FlatTrainer(model=model, args=args, train_dataset=train).train()
 
-    With a perturbation method (SAM, ASAM) every training log also carries ``perturbed_loss``,
-    L(w + e), and ``sharpness`` = L(w + e) - L(w), averaged like ``loss``.
+    With SAM or ASAM every training log also carries ``perturbed_loss``, L(w + e), and
+    ``sharpness`` = L(w + e) - L(w), averaged like ``loss`` but over the perturbed optimizer steps
+    only (every step unless ``sam_start`` / ``sam_interval`` set a schedule; a log whose window
+    has no perturbed step has neither). With average SAM, ``loss`` is L(w + e) on perturbed steps,
+    its only pass.
 
     With SAF or MESA the loss gains the trajectory term, logged as ``trajectory_loss`` beside
     ``task_loss``.
@@ -91,6 +94,8 @@ class FlatTrainer(Trainer):
         self._flat_checkpoint = None  # the checkpoint whose flat state the methods restore
         self._log_sums = {}  # name -> sum since the last training log (on device), e.g. perturbed_loss
         self._log_steps = 0  # optimizer steps since the last training log
+        self._log_perturbed_steps = 0  # ... of which perturbed steps (perturbed_loss, sharpness average over those)
+        self._perturbed_step = False  # the current optimizer step is a perturbed one
         self._sample_indices = None  # SAF: the current micro-batch's indices in train_dataset
         self._training_micro_batch = False
         self._evaluating = False  # inside evaluate(): evaluation loops also evaluate the average
@@ -129,7 +134,7 @@ class FlatTrainer(Trainer):
         if resume_from_checkpoint:
             refuse_incomplete_checkpoint(str(resume_from_checkpoint))
         self._flat_checkpoint = resume_from_checkpoint or None
-        self._log_sums, self._log_steps = {}, 0
+        self._log_sums, self._log_steps, self._log_perturbed_steps, self._perturbed_step = {}, 0, 0, False
         self._set_up_flat_methods()
         self._check_training_setup()
         return super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval, **kwargs)
@@ -159,11 +164,17 @@ class FlatTrainer(Trainer):
             if self.perturbation is None:
                 loss = super().training_step(model, inputs, num_items_in_batch)
             else:
-                loss, perturbed_loss = self.perturbation.step(self, model, inputs, num_items_in_batch)
-                self._add_to_log("perturbed_loss", perturbed_loss)
+                loss, perturbed_loss, sharpness = self.perturbation.training_step(self, model, inputs, num_items_in_batch)
+                if perturbed_loss is not None:
+                    self._add_to_log("perturbed_loss", perturbed_loss)
+                    self._add_to_log("sharpness", sharpness)
+                    self._perturbed_step = True
         finally:
             self._training_micro_batch = False
-        self._log_steps += int(self.accelerator.sync_gradients)
+        if self.accelerator.sync_gradients:
+            self._log_steps += 1
+            self._log_perturbed_steps += int(self._perturbed_step)
+            self._perturbed_step = False
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -207,10 +218,23 @@ class FlatTrainer(Trainer):
         finally:
             self.train_dataset, self.data_collator, self._signature_columns = saved
 
-    def forward_backward(self, model, inputs, num_items_in_batch=None):
+    def forward_backward(self, model, inputs, num_items_in_batch=None, share=1):
         """One forward and backward pass exactly as the plain Trainer runs it (loss scaling for
-        gradient accumulation and mixed precision included); the methods call it once per pass."""
-        return super().training_step(model, dict(inputs), num_items_in_batch)
+        gradient accumulation and mixed precision included); the methods call it once per pass.
+
+        `share` < 1: `inputs` is that share of the micro-batch (a chunk of ``sam_m`` samples). Its
+        loss counts that much of the micro-batch's: a loss normalised by `num_items_in_batch` does
+        already; a mean loss is multiplied by `share`, through the Trainer's own division by
+        `current_gradient_accumulation_steps`.
+        """
+        if share == 1 or self._loss_is_scaled_for_ga(num_items_in_batch):
+            return super().training_step(model, dict(inputs), num_items_in_batch)
+        accumulation = self.current_gradient_accumulation_steps
+        self.current_gradient_accumulation_steps = accumulation / share
+        try:
+            return super().training_step(model, dict(inputs), num_items_in_batch)
+        finally:
+            self.current_gradient_accumulation_steps = accumulation
 
     def _check_training_setup(self):
         """Refuse, before any step, what the chosen methods cannot do with this trainer's set-up."""
@@ -251,7 +275,7 @@ class FlatTrainer(Trainer):
         ):
             raise ValueError(
                 f"flat_method={method!r} is not supported with sharded training (FSDP, Megatron-LM, or a "
-                "model sharded at load time): the perturbation needs the gradient norm over all shards. "
+                "model sharded at load time): the perturbation needs its norm over all shards. "
                 "Launch with DDP (`accelerate launch` / `torchrun`), using PEFT/LoRA for large models."
             )
 
@@ -318,8 +342,10 @@ class FlatTrainer(Trainer):
         super()._save_checkpoint(model, trial)
 
     def _stateful_parts(self):
-        """The flat components whose state must survive a resume (SAF memory, MESA teacher, average)."""
-        return [part for part in (self.trajectory, self.averaging) if part is not None]
+        """The flat components whose state must survive a resume (SAF memory, MESA teacher, average,
+        average SAM's count of random directions)."""
+        parts = (self.perturbation, self.trajectory, self.averaging)
+        return [part for part in parts if part is not None and hasattr(part, "state_dict")]
 
     def _load_flat_state(self, checkpoint):
         """Restore the state of every stateful method from `checkpoint`.
@@ -370,11 +396,12 @@ class FlatTrainer(Trainer):
         self._averaged_eval_seconds = {}
         if "loss" in logs and self._log_steps > 0:  # averages over the whole logging window
             for name, total in self._log_sums.items():
-                logs[name] = self.accelerator.reduce(total.clone(), reduction="mean").item() / self._log_steps
+                # perturbed_loss and sharpness: over the perturbed steps only (all of them unless on a schedule)
+                steps = self._log_perturbed_steps if name in ("perturbed_loss", "sharpness") else self._log_steps
+                if steps:  # the same on every process, so every process takes part in the reduce
+                    logs[name] = self.accelerator.reduce(total.clone(), reduction="mean").item() / steps
                 total.zero_()
-            self._log_steps = 0
-            if "perturbed_loss" in logs:
-                logs["sharpness"] = logs["perturbed_loss"] - logs["loss"]
+            self._log_steps = self._log_perturbed_steps = 0
             if "trajectory_loss" in logs:
                 logs["task_loss"] = logs["loss"] - logs["trajectory_loss"]
         super().log(logs, start_time)
@@ -441,12 +468,12 @@ def objective_of_live_metrics(metrics: dict[str, float]) -> float:
 
 
 def part_kinds(part) -> set[str]:
-    """What state a method object keeps: ``swa`` / ``ema`` (an average), ``saf`` or ``mesa``."""
-    method = getattr(part, "method", None)  # WeightAveraging
-    return {method} if method else {type(part).__name__.lower()}
+    """What state a method object keeps: ``swa`` / ``ema`` (an average), ``saf``, ``mesa`` or ``avg_sam``."""
+    kind = getattr(part, "method", None) or getattr(part, "state_kind", None)  # WeightAveraging, AverageSAM
+    return {kind} if kind else {type(part).__name__.lower()}
 
 
 def state_kinds(meta: dict) -> set[str]:
     """What state a checkpoint's flat state file holds, from its metadata."""
     kinds = {meta["averaging"]} if "averaging" in meta else set()
-    return kinds | {name for name in ("saf", "mesa") if f"{name}_version" in meta}
+    return kinds | {name for name in ("saf", "mesa", "avg_sam") if f"{name}_version" in meta}

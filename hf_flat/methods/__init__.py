@@ -1,20 +1,28 @@
 """Flat-minima methods, one module each. `build_perturbation` maps `flat_method` to an object."""
 
+from .avg_sam import AverageSAM
 from .mesa import MESA
 from .saf import SAF
 from .sam import ASAM, SAM, asam_perturbation, sam_perturbation
 from .two_pass import TwoPassMethod
 
 __all__ = [
-    "SAM", "ASAM", "SAF", "MESA", "TwoPassMethod", "sam_perturbation", "asam_perturbation",
+    "SAM", "ASAM", "AverageSAM", "SAF", "MESA", "TwoPassMethod", "sam_perturbation", "asam_perturbation",
     "build_perturbation", "build_trajectory",
 ]
 
 #: name in `flat_method` -> factory taking the `FlatTrainingArguments`.
 PERTURBATIONS = {
-    "sam": lambda args: SAM(rho=args.sam_rho),
-    "asam": lambda args: ASAM(rho=args.sam_rho, eta=args.asam_eta),
+    "sam": lambda args: SAM(rho=args.sam_rho, **where_and_when(args)),
+    "asam": lambda args: ASAM(rho=args.sam_rho, eta=args.asam_eta, **where_and_when(args)),
+    "avg_sam": lambda args: AverageSAM(rho=args.sam_rho, seed=args.seed, process_index=args.process_index,
+                                       **where_and_when(args)),
 }
+
+
+def where_and_when(args) -> dict:
+    """The scope and the schedule of a perturbation method (`TwoPassMethod`'s arguments)."""
+    return dict(scope=args.sam_scope, m=args.sam_m, start=args.sam_start, interval=args.sam_interval)
 
 
 #: methods that add a trajectory loss instead of a second pass (Du et al., NeurIPS 2022, arXiv 2205.14083).

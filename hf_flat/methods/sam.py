@@ -61,9 +61,12 @@ def asam_perturbation(
 
 
 class SAM(TwoPassMethod):
-    """Sharpness-Aware Minimization (m-SAM, one perturbation per micro-batch and process)."""
+    """Sharpness-Aware Minimization: ``e = rho * g / ||g||``. Where and when it perturbs (per
+    micro-batch, per ``m`` samples or per optimizer step; on every step or on a schedule) is
+    `TwoPassMethod`'s."""
 
-    def __init__(self, rho: float = 0.05):
+    def __init__(self, rho: float = 0.05, **schedule_and_scope):
+        super().__init__(**schedule_and_scope)
         self.rho = rho
 
     def perturbation(self, names, params, grads):
@@ -73,7 +76,8 @@ class SAM(TwoPassMethod):
 class ASAM(TwoPassMethod):
     """Adaptive SAM: the radius scales with each weight's magnitude."""
 
-    def __init__(self, rho: float = 0.5, eta: float = 0.01):
+    def __init__(self, rho: float = 0.5, eta: float = 0.01, **schedule_and_scope):
+        super().__init__(**schedule_and_scope)
         self.rho = rho
         self.eta = eta
 

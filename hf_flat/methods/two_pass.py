@@ -1,30 +1,69 @@
-"""The mechanics every two-pass method (SAM, ASAM, ...) shares, in one place.
+"""The mechanics every weight-perturbation method (SAM, ASAM, average SAM, ...) shares, in one place.
 
-One micro-batch of a two-pass method, inside the Trainer's gradient accumulation:
+A method only says what the perturbation ``e`` is (`TwoPassMethod.perturbation`). This module
+decides where and when it is applied, and keeps every such step exact inside the Trainer's
+gradient accumulation, gradient clipping, mixed precision and DDP.
 
-1. Stash the gradients accumulated by the earlier micro-batches of this optimizer step.
-2. Pass 1: the gradient ``g`` of this micro-batch's loss at ``w``, scaled exactly as the Trainer
-   scales it (gradient accumulation, loss scaling), under ``no_sync`` so no all-reduce happens:
-   each process perturbs with its own local gradient (m-sharpness, m = per-device batch size).
+**One perturbed group of samples.** For a gradient-based method (SAM, ASAM):
+
+1. Stash the gradients accumulated so far in this optimizer step.
+2. Pass 1: the gradient ``g`` of the group's loss at ``w``, scaled exactly as the Trainer scales it
+   (gradient accumulation, ``num_items_in_batch``, loss scaling).
 3. ``e = perturbation(g)``; ``w <- w + e``. Only parameters that require grad and received a
    gradient are perturbed.
-4. Put the stashed gradients back; pass 2 at ``w + e`` adds its gradient to them and is
-   synchronised exactly as the Trainer arranged (all-reduce on the last micro-batch).
-   BatchNorm running statistics are frozen: pass 1 has already updated them.
-5. Restore ``w`` bit for bit from a copy.
+4. Put the stashed gradients back; pass 2 at ``w + e`` adds its gradient to them. BatchNorm
+   running statistics are frozen in pass 2: pass 1 has already updated them.
+5. Restore ``w`` bit for bit from a copy (the one extra copy of the trainable weights).
 
-If ``g`` is not finite (an fp16 loss-scale overflow) there is no perturbation; ``g`` itself goes
-into the accumulated gradient, so the optimizer step sees the non-finite values and the
-GradScaler skips it on every process, exactly as it would have without the method.
+A method whose ``e`` needs no gradient (average SAM, ``uses_gradient = False``) skips pass 1: its
+one pass runs at ``w + e`` and also updates the BatchNorm statistics.
+
+**Where: the scope of one perturbation** (``sam_scope``, ``sam_m``). Boca, Cross, Holm, Korkmaz,
+"Towards an Even Better Understanding of Sharpness-Aware Minimisation" (2023), contrast m-SAM (one
+perturbation per m samples) with n-SAM (one per large batch); Foret et al. (ICLR 2021, section
+4.1) introduced m-sharpness.
+
+- ``"micro"`` (default): one perturbation per micro-batch and process, from that process's own
+  gradient. Pass 1 runs under ``no_sync`` (no all-reduce); pass 2 is synchronised exactly as the
+  Trainer arranged (all-reduce on the last micro-batch of the optimizer step).
+- ``"micro"`` with ``sam_m = m``: each micro-batch is cut into chunks of ``m`` samples (the last
+  chunk of a smaller final batch may be shorter), each perturbed with its own chunk's gradient.
+  Each chunk's loss takes its share of the micro-batch's, with the Trainer's own rule: a loss
+  normalised by ``num_items_in_batch`` already adds up over chunks; a mean loss is weighted by
+  ``len(chunk) / len(micro-batch)``, through the Trainer's division by
+  ``current_gradient_accumulation_steps``. So the step's gradient is the mean of the chunks' SAM
+  gradients. Only the last chunk's pass 2 is synchronised.
+- ``"step"`` (n-SAM): one perturbation per optimizer step, from the gradient of the whole step.
+  Pass 1 runs on each micro-batch as it comes, synchronised as the Trainer arranges, so that after
+  the last micro-batch the gradients hold the step's gradient, all-reduced over processes. The
+  micro-batches' inputs are kept until then. ``e`` is computed once (the same on every process)
+  and pass 2 runs over the whole window at ``w + e``, synchronised on its last micro-batch.
+
+**When: the schedule** (``sam_start``, ``sam_interval``). With ``T`` optimizer steps and
+``s = max(1, ceil(sam_start * T))``, optimizer step ``t`` (1-based) is perturbed iff ``t >= s`` and
+``(t - s) % sam_interval == 0`` (composer's SAM ``interval``; Zhou et al., "Sharpness-Aware
+Minimization Efficiently Selects Flatter Minima Late in Training", ICLR 2025). Every other step is
+the plain Trainer's step, for each of its micro-batches.
+
+**Non-finite gradients** (an fp16 loss-scale overflow). If ``g`` is not finite there is no
+perturbation and ``g`` stays in the gradients, so the GradScaler sees it and skips the step. Under
+``"micro"`` pass 2 still runs (at ``w``), so that every process takes part in the same
+all-reduces; the inf or nan reaches every process through it. Under ``"step"`` ``g`` is already
+all-reduced, so every process sees the overflow and skips pass 2 alike.
 """
 
 import contextlib
 import math
 from abc import ABC, abstractmethod
+from fractions import Fraction
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+#: Values of `sam_scope`.
+SCOPES = ("micro", "step")
 
 
 @contextlib.contextmanager
@@ -62,43 +101,138 @@ def _norm_of_norms(norms, device):
     return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
 
 
-class TwoPassMethod(ABC):
-    """Base class of the methods that take the gradient at a perturbed point ``w + e``.
+def start_step(fraction: float, total_steps: int) -> int:
+    """``max(1, ceil(fraction * total_steps))``, with the product taken on the decimal value that
+    was written (0.7 x 10 is 7, not 7.000000000000001)."""
+    return max(1, math.ceil(Fraction(repr(float(fraction))) * total_steps))
 
-    A subclass only says what ``e`` is, in `perturbation`.
+
+def batch_size_of(inputs: dict) -> int:
+    """The number of samples in a collated batch: the first dimension of its first tensor."""
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("sam_m needs the batch as tensors with the samples along the first dimension; this batch has none.")
+
+
+def split_batch(inputs: dict, m: int) -> list[tuple[dict, int]]:
+    """Cut a collated batch into chunks of `m` samples along the first dimension: `(chunk, size)`
+    pairs. Tensors, lists and tuples with one entry per sample are cut; other values (scalars,
+    flags) go to every chunk whole."""
+    size = batch_size_of(inputs)
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] != size:
+            raise ValueError(
+                f"sam_m={m} cuts each batch into chunks along the first dimension, but input {key!r} has "
+                f"shape {tuple(value.shape)} while the batch has {size} samples: leave sam_m=None for such inputs."
+            )
+    chunks = []
+    for begin in range(0, size, m):
+        end = min(begin + m, size)
+        chunk = {
+            key: value[begin:end]
+            if (isinstance(value, torch.Tensor) and value.dim() > 0) or (isinstance(value, (list, tuple)) and len(value) == size)
+            else value
+            for key, value in inputs.items()
+        }
+        chunks.append((chunk, end - begin))
+    return chunks
+
+
+class PassLosses(NamedTuple):
+    """What one micro-batch of a perturbation method reports, each scaled like the Trainer's loss.
+
+    `loss` is what the Trainer logs as ``loss``: L(w) for gradient-based methods, L(w + e) for
+    average SAM (its only pass). `perturbed` is L(w + e) and `sharpness` L(w + e) - L(w) summed
+    over what this call perturbed (`None` when it perturbed nothing, or for average SAM).
     """
+
+    loss: torch.Tensor
+    perturbed: torch.Tensor | None = None
+    sharpness: torch.Tensor | None = None
+
+
+class TwoPassMethod(ABC):
+    """Base class of the methods that train on the gradient at a perturbed point ``w + e``.
+
+    A subclass says what ``e`` is, in `perturbation`; the scope and the schedule (see the module
+    docstring) are the base class's.
+
+    Args:
+        scope: ``"micro"`` (one perturbation per micro-batch and process, or per ``m`` samples) or
+            ``"step"`` (one per optimizer step, from the whole step's gradient).
+        m: samples per perturbation within a micro-batch (``scope="micro"`` only); None: the whole
+            micro-batch.
+        start: the fraction of the optimizer steps before the first perturbed step, in [0, 1).
+        interval: every `interval`-th optimizer step from there on is perturbed.
+    """
+
+    #: False for methods whose ``e`` does not depend on the gradient: no pass 1.
+    uses_gradient = True
+
+    def __init__(self, scope: str = "micro", m: int | None = None, start: float = 0.0, interval: int = 1):
+        self.scope, self.m, self.start, self.interval = scope, m, start, interval
+        self._window = []  # scope "step": (inputs, num_items_in_batch) of the step's micro-batches so far
+        self._window_loss = None  # scope "step": the sum of their pass-1 losses
+        self._checked_batch_size = None
 
     @abstractmethod
     def perturbation(
-        self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor]
+        self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor] | None
     ) -> list[torch.Tensor] | None:
-        """Return ``e`` for each parameter, computed in place in `grads`.
+        """Return ``e`` for each of `params` (for gradient-based methods computed in place in `grads`).
 
         Return `None` (with `grads` left non-finite) if the gradient is not finite.
         """
 
-    def step(self, trainer, model: nn.Module, inputs: dict, num_items_in_batch=None):
-        """Run both passes on one micro-batch; return ``(L(w), L(w + e))``, each detached and scaled
-        for gradient accumulation exactly as the Trainer reports its loss."""
+    # ---- when ----------------------------------------------------------------------------------
+    def perturbs_step(self, step: int, total_steps: int) -> bool:
+        """Whether optimizer step `step` (1-based) of `total_steps` is a perturbed step."""
+        first = start_step(self.start, total_steps)
+        return step >= first and (step - first) % self.interval == 0
+
+    # ---- one micro-batch -------------------------------------------------------------------------
+    def training_step(self, trainer, model: nn.Module, inputs: dict, num_items_in_batch=None) -> PassLosses:
+        """Train on one micro-batch: the plain Trainer's step, or this method's (see the module docstring)."""
+        if not self.perturbs_step(trainer.state.global_step + 1, trainer.state.max_steps):
+            return PassLosses(trainer.forward_backward(model, inputs, num_items_in_batch))
+        if self.scope == "step":
+            return self._whole_step(trainer, model, inputs, num_items_in_batch)
+        return self._micro_batch(trainer, model, inputs, num_items_in_batch)
+
+    def _micro_batch(self, trainer, model, inputs, num_items_in_batch) -> PassLosses:
+        """Scope "micro": one perturbation per micro-batch, or per chunk of `m` samples."""
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
+        chunks = self._chunks(trainer, inputs)
+        total = perturbed_total = sharpness_total = None
+        for i, (chunk, share) in enumerate(chunks):
+            # only the last pass-2 backward of the micro-batch takes part in the Trainer's all-reduce
+            sync = contextlib.nullcontext() if i == len(chunks) - 1 else trainer.accelerator.no_sync(model)
+            if self.uses_gradient:
+                loss, perturbed = self._two_passes(trainer, model, named, params, chunk, num_items_in_batch, share, sync)
+                sharpness = perturbed - loss
+            else:
+                e = self.perturbation([n for n, _ in named], params, None)
+                with sync:
+                    loss = self._at(trainer, model, params, e, [(chunk, num_items_in_batch, share)], frozen=False)
+                perturbed = sharpness = None
+            total = _add(total, loss)
+            perturbed_total, sharpness_total = _add(perturbed_total, perturbed), _add(sharpness_total, sharpness)
+        return PassLosses(total, perturbed_total, sharpness_total)
+
+    def _two_passes(self, trainer, model, named, params, inputs, num_items_in_batch, share, sync):
+        """Steps 1-5 of the module docstring on one group of samples; returns ``(L(w), L(w + e))``."""
         accumulated = [p.grad for p in params]
         for p in params:
             p.grad = None
-
         with trainer.accelerator.no_sync(model):
-            loss = trainer.forward_backward(model, inputs, num_items_in_batch)
+            loss = trainer.forward_backward(model, inputs, num_items_in_batch, share)
 
         active = [i for i, p in enumerate(params) if p.grad is not None]
         active_params = [params[i] for i in active]
-        grads = [params[i].grad for i in active]
-        e = self.perturbation([named[i][0] for i in active], active_params, grads)
-
-        saved = None
-        if e:  # None: g is not finite; []: no parameter received a gradient
-            with torch.no_grad():
-                saved = [p.detach().clone() for p in active_params]  # to restore w exactly
-                torch._foreach_add_(active_params, e)
+        e = self.perturbation([named[i][0] for i in active], active_params, [params[i].grad for i in active])
+        saved = _add_perturbation(active_params, e)
         # Give the accumulated gradients back (pass 2 adds to them); this frees g, which held e.
         for p, acc in zip(params, accumulated):
             if e is None and p.grad is not None:
@@ -106,13 +240,95 @@ class TwoPassMethod(ABC):
                 p.grad = p.grad if acc is None else acc.add_(p.grad)
             else:
                 p.grad = acc
-        del e, grads
-
+        del e
         try:
-            with frozen_batchnorm_statistics(model):
-                perturbed_loss = trainer.forward_backward(model, inputs, num_items_in_batch)
+            with sync, frozen_batchnorm_statistics(model):
+                perturbed = trainer.forward_backward(model, inputs, num_items_in_batch, share)
         finally:
-            if saved is not None:
-                with torch.no_grad():
-                    torch._foreach_copy_(active_params, saved)
-        return loss, perturbed_loss
+            _restore(active_params, saved)
+        return loss, perturbed
+
+    def _whole_step(self, trainer, model, inputs, num_items_in_batch) -> PassLosses:
+        """Scope "step": keep the micro-batch (pass 1 now, for gradient-based methods); on the
+        step's last micro-batch, perturb once and run pass 2 over all of them."""
+        self._window.append((inputs, num_items_in_batch))
+        if self.uses_gradient:  # pass 1, synchronised as the Trainer arranges (all-reduce on the last)
+            loss = trainer.forward_backward(model, inputs, num_items_in_batch)
+            self._window_loss = _add(self._window_loss, loss)
+        else:  # average SAM: its one pass waits for the step's perturbation
+            loss = torch.zeros((), device=trainer.args.device)
+        if not trainer.accelerator.sync_gradients:
+            return PassLosses(loss)
+
+        window, window_loss = self._window, self._window_loss
+        self._window, self._window_loss = [], None
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if self.uses_gradient:
+            active = [(name, p) for name, p in named if p.grad is not None]
+            params = [p for _, p in active]
+            e = self.perturbation([n for n, _ in active], params, [p.grad for p in params])
+            if e is None:  # the step's gradient is not finite on every process: the GradScaler skips the step
+                return PassLosses(loss, window_loss, torch.zeros_like(window_loss))
+            for p in params:
+                p.grad = None  # g (now e) leaves the gradients; pass 2 accumulates afresh
+        else:
+            params = [p for _, p in named]
+            e = self.perturbation([n for n, _ in named], params, None)
+        groups = [(batch, items, 1) for batch, items in window]
+        perturbed = self._at(trainer, model, params, e, groups, frozen=self.uses_gradient)
+        if not self.uses_gradient:
+            return PassLosses(perturbed)
+        return PassLosses(loss, perturbed, perturbed - window_loss)
+
+    def _at(self, trainer, model, params, e, groups, frozen: bool) -> torch.Tensor:
+        """Forward and backward passes over `groups` (``(inputs, num_items_in_batch, share)``) at
+        ``w + e``; only the last one is synchronised. `w` is restored exactly afterwards."""
+        saved = _add_perturbation(params, e)
+        del e
+        total = None
+        try:
+            for j, (batch, items, share) in enumerate(groups):
+                sync = contextlib.nullcontext() if j == len(groups) - 1 else trainer.accelerator.no_sync(model)
+                with sync, frozen_batchnorm_statistics(model) if frozen else contextlib.nullcontext():
+                    total = _add(total, trainer.forward_backward(model, batch, items, share))
+        finally:
+            _restore(params, saved)
+        return total
+
+    def _chunks(self, trainer, inputs) -> list[tuple[dict, float]]:
+        """`(chunk, share)` pairs: the micro-batch whole, or cut into `m`-sample chunks."""
+        if self.m is None:
+            return [(inputs, 1)]
+        nominal = getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
+        if nominal != self._checked_batch_size:
+            if nominal % self.m:
+                raise ValueError(
+                    f"sam_m={self.m} must divide the per-device batch size, which is {nominal} in this run "
+                    f"(auto_find_batch_size may have lowered it): choose a divisor of {nominal}, or sam_m=None."
+                )
+            self._checked_batch_size = nominal
+        pieces = split_batch(inputs, self.m)
+        size = sum(n for _, n in pieces)
+        return [(chunk, 1 if n == size else n / size) for chunk, n in pieces]
+
+
+def _add(total, value):
+    if value is None:
+        return total
+    return value if total is None else total + value
+
+
+def _add_perturbation(params: list[torch.Tensor], e: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    """``w <- w + e`` in place; returns the copy of ``w`` that restores it (None: nothing was added)."""
+    if not e:  # None: g is not finite; []: no parameter received a gradient
+        return None
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        torch._foreach_add_(params, e)
+    return saved
+
+
+def _restore(params, saved):
+    if saved is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)
