@@ -208,3 +208,124 @@ def save_tiny_t5(path) -> str:
     T5ForConditionalGeneration(T5Config(vocab_size=len(T5_WORDS), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
                                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).save_pretrained(path)
     return str(path)
+
+
+def random_directions(params, seed, stream, index):
+    """Average SAM's z for perturbation number `index` of `stream`, drawn as its docstring says:
+    a CPU generator seeded with `direction_seed`, one float32 `randn` per parameter, in order."""
+    from hf_flat.methods.avg_sam import direction_seed
+
+    generator = torch.Generator().manual_seed(direction_seed(seed, stream, index))
+    return [torch.randn(p.shape, generator=generator, dtype=torch.float32) for p in params]
+
+
+def reference_where_and_when(
+    model, steps, method, rho=0.05, eta=0.01, lr=0.1, max_grad_norm=0.0, scope="micro", m=None,
+    perturbed_steps=None, seed=0, perturbed_losses=None, losses=None,
+):
+    """Train a copy of `model` by hand with SAM / ASAM / average SAM ("avg_sam") at any scope and
+    on any schedule. `steps`: a list of optimizer steps, each a list of micro-batches, or for
+    several processes a list of per-rank lists. `perturbed_steps`: the 1-based optimizer steps that
+    are perturbed (default: all); the others are plain SGD steps.
+
+    - scope "micro": per rank, per micro-batch b of k, per chunk c of `m` samples (the whole
+      micro-batch if m is None), with share s = |c| / |b|: g = grad(s L_c(w) / k), e from g (or
+      random for avg_sam, drawn from stream str(rank) with a per-rank count), gradient
+      grad(s L_c(w + e) / k).
+    - scope "step": g = mean over ranks of sum_b grad(L_b(w) / k); one e from it (avg_sam: stream
+      "all"); gradient = mean over ranks of sum_b grad(L_b(w + e) / k).
+    Then: mean over ranks, optional clipping, SGD step. `perturbed_losses` / `losses` (lists)
+    receive per step the mean over ranks of the sums of L(w + e) / k and of L(w) / k (for avg_sam,
+    `losses` gets the loss the Trainer reports: L(w + e) on perturbed steps).
+    """
+    model = copy.deepcopy(model).train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    counts = {}  # avg_sam: stream -> perturbations drawn
+
+    def grad_of(batch, scale):
+        loss = model(**batch)["loss"] * scale
+        g = torch.autograd.grad(loss, params, allow_unused=True)
+        return [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)], loss.item()
+
+    def e_for(g, stream):
+        if method == "avg_sam":
+            index = counts.get(stream, 0)
+            counts[stream] = index + 1
+            z = random_directions(params, seed, stream, index)
+            norm = torch.sqrt(sum((zi**2).sum() for zi in z))
+            return [rho * zi / (norm + 1e-12) for zi in z]
+        return perturbation_by_hand(named, g, method, rho, eta)
+
+    def at(e, batch, scale):
+        w = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, ei in zip(params, e):
+                p.add_(ei)
+        bn_state = _freeze_bn(model) if method != "avg_sam" else []
+        g, value = grad_of(batch, scale)
+        _unfreeze_bn(bn_state)
+        with torch.no_grad():
+            for p, wi in zip(params, w):
+                p.copy_(wi)
+        return g, value
+
+    def chunks(batch):
+        size = len(next(iter(batch.values())))
+        step = size if m is None else m
+        return [({k: v[i : i + step] for k, v in batch.items()}, min(step, size - i) / size) for i in range(0, size, step)]
+
+    for t, step in enumerate(steps, start=1):
+        per_rank = step if isinstance(step[0], list) else [step]
+        perturbed = perturbed_steps is None or t in perturbed_steps
+        total = [torch.zeros_like(p) for p in params]
+        step_loss = step_perturbed = 0.0
+        if perturbed and scope == "step":
+            g_step = [torch.zeros_like(p) for p in params]
+            for rank_batches in per_rank:
+                k = len(rank_batches)
+                for batch in rank_batches:
+                    if method == "avg_sam":
+                        continue
+                    g, value = grad_of(batch, 1 / k)
+                    step_loss += value / len(per_rank)
+                    for acc, gi in zip(g_step, g):
+                        acc.add_(gi / len(per_rank))
+            e = e_for(g_step, "all")
+            for rank_batches in per_rank:
+                k = len(rank_batches)
+                for batch in rank_batches:
+                    g, value = at(e, batch, 1 / k)
+                    step_perturbed += value / len(per_rank)
+                    for acc, gi in zip(total, g):
+                        acc.add_(gi / len(per_rank))
+        else:
+            for rank, rank_batches in enumerate(per_rank):
+                k = len(rank_batches)
+                for batch in rank_batches:
+                    for chunk, share in chunks(batch) if perturbed else [(batch, 1.0)]:
+                        if not perturbed:
+                            g, value = grad_of(chunk, 1 / k)
+                            step_loss += value / len(per_rank)
+                        elif method == "avg_sam":
+                            g, value = at(e_for(None, str(rank)), chunk, share / k)
+                            step_perturbed += value / len(per_rank)
+                        else:
+                            g1, value = grad_of(chunk, share / k)
+                            step_loss += value / len(per_rank)
+                            g, value = at(e_for(g1, str(rank)), chunk, share / k)
+                            step_perturbed += value / len(per_rank)
+                        for acc, gi in zip(total, g):
+                            acc.add_(gi / len(per_rank))
+        if perturbed_losses is not None:
+            perturbed_losses.append(step_perturbed if perturbed else None)
+        if losses is not None:
+            losses.append(step_perturbed if (perturbed and method == "avg_sam") else step_loss)
+        if max_grad_norm > 0:
+            norm = torch.sqrt(sum((g**2).sum() for g in total))
+            coef = min(1.0, max_grad_norm / (norm.item() + 1e-6))
+            total = [g * coef for g in total]
+        with torch.no_grad():
+            for p, g in zip(params, total):
+                p.sub_(lr * g)
+    return model

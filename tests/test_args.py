@@ -38,8 +38,8 @@ def test_unknown_or_unimplemented_flat_method(value):
     for name in accepted_flat_methods():
         assert name in message
     assert accepted_flat_methods() == [
-        "none", "sam", "asam", "saf", "mesa", "swa", "ema", "sam+swa", "sam+ema", "asam+swa", "asam+ema",
-        "saf+swa", "saf+ema", "mesa+swa", "mesa+ema", "wasam",
+        "none", "sam", "asam", "avg_sam", "saf", "mesa", "swa", "ema", "sam+swa", "sam+ema", "asam+swa", "asam+ema",
+        "avg_sam+swa", "avg_sam+ema", "saf+swa", "saf+ema", "mesa+swa", "mesa+ema", "wasam",
     ]
 
 
