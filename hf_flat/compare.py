@@ -17,8 +17,9 @@ Before training, compare checks its names: the methods, and every ``--grid`` nam
 flags the script's ``--help`` lists. ``--metric`` is checked on the first run that finishes: a
 name not in its results stops compare with the list of the numeric keys it has.
 
-With ``--grid``, each method's tunable values (``sam_rho`` for SAM / ASAM, ``average_start`` for
-methods with averaging, ``saf_*`` for SAF, other flags for every flat method) are chosen first on
+With ``--grid``, each method's tunable values (``sam_rho``, ``sam_m``, ``sam_interval``, ... for
+SAM / ASAM / average SAM, ``average_start`` for methods with averaging, ``saf_*`` for SAF, other
+flags for every flat method) are chosen first on
 a held-out part of the training data: one run per combination with ``--holdout_fraction`` and the
 first seed; the best combination on the held-out metric is then run with every seed on the real
 evaluation set. A method whose tuning runs all fail is left out of the table and counted as failed.
@@ -127,11 +128,11 @@ def _parse_grids(texts):
 
 def applies(name, method):
     """Whether the flat-minima argument `name` changes a run of `method`; None for any other argument."""
-    from .args import parse_flat_method
+    from .args import PERTURBATION_SETTINGS, TWO_PASS_METHODS, parse_flat_method
 
     perturbation, averaging = parse_flat_method(method)
-    if name == "sam_rho":
-        return perturbation in ("sam", "asam")
+    if name == "sam_rho" or name in PERTURBATION_SETTINGS:
+        return perturbation in TWO_PASS_METHODS
     for prefix in ("asam", "saf", "mesa"):
         if name.startswith(prefix + "_"):
             return perturbation == prefix

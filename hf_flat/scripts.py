@@ -10,12 +10,15 @@ from contextlib import contextmanager
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from .args import PERTURBATION_SETTINGS
+
 logger = logging.getLogger(__name__)
 
 #: The arguments that apply to each part of a `flat_method`, recorded in `flat_settings`.
 FLAT_SETTINGS = {
-    "sam": ("sam_rho",),
-    "asam": ("sam_rho", "asam_eta"),
+    "sam": ("sam_rho", *PERTURBATION_SETTINGS),
+    "asam": ("sam_rho", "asam_eta", *PERTURBATION_SETTINGS),
+    "avg_sam": ("sam_rho", *PERTURBATION_SETTINGS),
     "saf": ("saf_lambda", "saf_tau", "saf_start_epoch", "saf_past_epochs"),
     "mesa": ("mesa_lambda", "mesa_tau", "mesa_decay", "mesa_start_epoch"),
     "swa": ("average_start", "average_freq", "average_bn_batches"),

@@ -367,3 +367,13 @@ def test_command_line_flags():
     (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", "o", "--flat_method", "sam", "--sam_scope", "step", "--report_to", "none"])
     assert (args.sam_m, args.sam_scope) == (None, "step")
+
+
+def test_compare_tunes_the_new_settings_for_the_methods_that_read_them():
+    from hf_flat.compare import tunable
+
+    grid = {"sam_interval": ["2", "5"], "sam_m": ["2"], "sam_rho": ["0.5", "1.0"], "average_start": ["0.5"]}
+    assert tunable("avg_sam+swa", grid) == grid
+    assert tunable("asam", grid) == {k: grid[k] for k in ("sam_interval", "sam_m", "sam_rho")}
+    assert tunable("swa", grid) == {"average_start": ["0.5"]}
+    assert tunable("saf", grid) == {}
