@@ -299,10 +299,13 @@ def test_settings_for_a_method_that_does_not_read_them_are_reported(tmp_path):
 
 
 def test_a_batch_size_that_sam_m_does_not_divide_is_refused_when_training_starts(tmp_path):
-    trainer = FlatTrainer(model=TinyNet(), args=sgd_args(tmp_path, flat_method="sam", sam_m=2), train_dataset=TinyData())
+    model = CountingNet()
+    trainer = FlatTrainer(model=model, args=sgd_args(tmp_path, flat_method="sam", sam_m=2, sam_start=0.5),
+                          train_dataset=TinyData())
     trainer._train_batch_size = 3  # what auto_find_batch_size may set once training has started
     with pytest.raises(ValueError, match=r"sam_m=2 must divide the per-device batch size, which is 3 in this run"):
         trainer.train()
+    assert model.passes == {}  # refused before the first step, not at the first perturbed one
 
 
 def test_inputs_that_cannot_be_cut_into_chunks_are_refused():

@@ -174,6 +174,7 @@ class TwoPassMethod(ABC):
         self.scope, self.m, self.start, self.interval = scope, m, start, interval
         self._window = []  # scope "step": (inputs, num_items_in_batch) of the step's micro-batches so far
         self._window_loss = None  # scope "step": the sum of their pass-1 losses
+        self._window_step = None  # scope "step": the optimizer step (global_step) the window belongs to
         self._checked_batch_size = None
 
     @abstractmethod
@@ -194,6 +195,7 @@ class TwoPassMethod(ABC):
     # ---- one micro-batch -------------------------------------------------------------------------
     def training_step(self, trainer, model: nn.Module, inputs: dict, num_items_in_batch=None) -> PassLosses:
         """Train on one micro-batch: the plain Trainer's step, or this method's (see the module docstring)."""
+        self._check_batch_size(trainer)  # from the first micro-batch on, even when the first perturbed step is late
         if not self.perturbs_step(trainer.state.global_step + 1, trainer.state.max_steps):
             return PassLosses(trainer.forward_backward(model, inputs, num_items_in_batch))
         if self.scope == "step":
@@ -251,6 +253,10 @@ class TwoPassMethod(ABC):
     def _whole_step(self, trainer, model, inputs, num_items_in_batch) -> PassLosses:
         """Scope "step": keep the micro-batch (pass 1 now, for gradient-based methods); on the
         step's last micro-batch, perturb once and run pass 2 over all of them."""
+        step = trainer.state.global_step
+        if self._window and self._window_step != step:  # a window that ended early (a callback stopped the epoch)
+            self._window, self._window_loss = [], None
+        self._window_step = step
         self._window.append((inputs, num_items_in_batch))
         if self.uses_gradient:  # pass 1, synchronised as the Trainer arranges (all-reduce on the last)
             loss = trainer.forward_backward(model, inputs, num_items_in_batch)
@@ -299,6 +305,16 @@ class TwoPassMethod(ABC):
         """`(chunk, share)` pairs: the micro-batch whole, or cut into `m`-sample chunks."""
         if self.m is None:
             return [(inputs, 1)]
+        pieces = split_batch(inputs, self.m)
+        size = sum(n for _, n in pieces)
+        return [(chunk, 1 if n == size else n / size) for chunk, n in pieces]
+
+
+    def _check_batch_size(self, trainer):
+        """`m` must divide the per-device batch size, which `auto_find_batch_size` may lower once
+        training has started (the Trainer's `_train_batch_size`)."""
+        if self.m is None:
+            return
         nominal = getattr(trainer, "_train_batch_size", None) or trainer.args.per_device_train_batch_size
         if nominal != self._checked_batch_size:
             if nominal % self.m:
@@ -307,9 +323,6 @@ class TwoPassMethod(ABC):
                     f"(auto_find_batch_size may have lowered it): choose a divisor of {nominal}, or sam_m=None."
                 )
             self._checked_batch_size = nominal
-        pieces = split_batch(inputs, self.m)
-        size = sum(n for _, n in pieces)
-        return [(chunk, 1 if n == size else n / size) for chunk, n in pieces]
 
 
 def _add(total, value):
