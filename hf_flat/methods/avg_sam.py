@@ -64,10 +64,27 @@ class AverageSAM(TwoPassMethod):
         stream = "all" if self.scope == "step" else str(self.process_index)
         self._generator.manual_seed(direction_seed(self.seed, stream, self.draws))
         self.draws += 1
-        z = [torch.randn(p.shape, generator=self._generator, device=device, dtype=torch.float32) for p in params]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(z)))
-        torch._foreach_mul_(z, self.rho / (norm + EPS))
-        return [ei.to(device=p.device, dtype=p.dtype) for ei, p in zip(z, params)]
+        z, norms = [], []
+        for p in params:  # drawn in float32, kept in the parameter's dtype: z takes the room of one copy of w
+            zi = torch.randn(p.shape, generator=self._generator, device=device, dtype=torch.float32)
+            norms.append(torch.linalg.vector_norm(zi))
+            z.append(zi.to(device=p.device, dtype=p.dtype))
+        scale = self.rho / (torch.linalg.vector_norm(torch.stack(norms)) + EPS)
+        torch._foreach_mul_(z, scale)
+        return z
+
+    def add_perturbation(self, params, e):
+        """``w <- w + e``, parameter by parameter, each ``e`` released as its copy of ``w`` is made:
+        the two together never take more than one copy of the weights (and one parameter)."""
+        if not e:
+            return None
+        saved = []
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                saved.append(p.detach().clone())
+                p.add_(e[i])
+                e[i] = None
+        return saved
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -186,6 +186,10 @@ class TwoPassMethod(ABC):
         Return `None` (with `grads` left non-finite) if the gradient is not finite.
         """
 
+    def add_perturbation(self, params: list[torch.Tensor], e: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        """``w <- w + e`` in place; returns the copy of ``w`` that restores it exactly (None: nothing added)."""
+        return _add_perturbation(params, e)
+
     # ---- when ----------------------------------------------------------------------------------
     def perturbs_step(self, step: int, total_steps: int) -> bool:
         """Whether optimizer step `step` (1-based) of `total_steps` is a perturbed step."""
@@ -289,7 +293,7 @@ class TwoPassMethod(ABC):
     def _at(self, trainer, model, params, e, groups, frozen: bool) -> torch.Tensor:
         """Forward and backward passes over `groups` (``(inputs, num_items_in_batch, share)``) at
         ``w + e``; only the last one is synchronised. `w` is restored exactly afterwards."""
-        saved = _add_perturbation(params, e)
+        saved = self.add_perturbation(params, e)
         del e
         total = None
         try:
