@@ -98,6 +98,7 @@ class FlatTrainer(Trainer):
         self._perturbed_step = False  # the current optimizer step is a perturbed one
         self._sample_indices = None  # SAF: the current micro-batch's indices in train_dataset
         self._training_micro_batch = False
+        self._loss_share, self._loss_share_applied = 1, False  # sam_m: the current chunk's share of its micro-batch
         self._evaluating = False  # inside evaluate(): evaluation loops also evaluate the average
         self._averaged_eval_seconds = {}  # metric prefix -> seconds its averaged evaluation took
         self._set_up_flat_methods()
@@ -178,7 +179,13 @@ class FlatTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """`Trainer.compute_loss`, plus SAF's or MESA's trajectory loss on training micro-batches."""
+        """`Trainer.compute_loss`, plus SAF's or MESA's trajectory loss on training micro-batches, or
+        times a ``sam_m`` chunk's share of its micro-batch (see `forward_backward`)."""
+        if self._loss_share != 1:
+            self._loss_share_applied = True
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            loss = loss * self._loss_share
+            return (loss, outputs) if return_outputs else loss
         if self.trajectory is None or not self._training_micro_batch:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         teacher_inputs = dict(inputs)  # compute_loss may pop the labels
@@ -222,19 +229,27 @@ class FlatTrainer(Trainer):
         """One forward and backward pass exactly as the plain Trainer runs it (loss scaling for
         gradient accumulation and mixed precision included); the methods call it once per pass.
 
-        `share` < 1: `inputs` is that share of the micro-batch (a chunk of ``sam_m`` samples). Its
-        loss counts that much of the micro-batch's: a loss normalised by `num_items_in_batch` does
-        already; a mean loss is multiplied by `share`, through the Trainer's own division by
-        `current_gradient_accumulation_steps`.
+        `share` < 1: `inputs` is that share of the micro-batch (a chunk of ``sam_m`` samples), and
+        its loss counts that much of the micro-batch's: `compute_loss` multiplies it by `share`, and
+        the model gets ``num_items_in_batch * share``. A mean loss thus becomes ``share`` times the
+        chunk's mean, and a loss normalised by `num_items_in_batch` (a sum over the chunk's tokens
+        divided by it) stays that sum divided by `num_items_in_batch`, whether or not the Trainer
+        believes the model normalises (it takes any model whose forward has ``**kwargs`` for one).
         """
-        if share == 1 or self._loss_is_scaled_for_ga(num_items_in_batch):
+        if share == 1:
             return super().training_step(model, dict(inputs), num_items_in_batch)
-        accumulation = self.current_gradient_accumulation_steps
-        self.current_gradient_accumulation_steps = accumulation / share
+        self._loss_share, self._loss_share_applied = share, False
+        items = None if num_items_in_batch is None else num_items_in_batch * share
         try:
-            return super().training_step(model, dict(inputs), num_items_in_batch)
+            loss = super().training_step(model, dict(inputs), items)
         finally:
-            self.current_gradient_accumulation_steps = accumulation
+            self._loss_share = 1
+        if not self._loss_share_applied:
+            raise RuntimeError(
+                "sam_m weights each chunk's loss in FlatTrainer.compute_loss, which this trainer's compute_loss "
+                "override did not call: call super().compute_loss(...) from it, or set sam_m=None."
+            )
+        return loss
 
     def _check_training_setup(self):
         """Refuse, before any step, what the chosen methods cannot do with this trainer's set-up."""

@@ -28,10 +28,11 @@ perturbation per m samples) with n-SAM (one per large batch); Foret et al. (ICLR
   Trainer arranged (all-reduce on the last micro-batch of the optimizer step).
 - ``"micro"`` with ``sam_m = m``: each micro-batch is cut into chunks of ``m`` samples (the last
   chunk of a smaller final batch may be shorter), each perturbed with its own chunk's gradient.
-  Each chunk's loss takes its share of the micro-batch's, with the Trainer's own rule: a loss
-  normalised by ``num_items_in_batch`` already adds up over chunks; a mean loss is weighted by
-  ``len(chunk) / len(micro-batch)``, through the Trainer's division by
-  ``current_gradient_accumulation_steps``. So the step's gradient is the mean of the chunks' SAM
+  Chunk ``c`` has the share ``s = len(c) / len(micro-batch)``: its loss is multiplied by ``s``
+  and the model gets ``num_items_in_batch * s``. A mean loss becomes ``s`` times the chunk's mean;
+  a loss normalised by ``num_items_in_batch`` stays the chunk's token sum over
+  ``num_items_in_batch``; both add up over the chunks to the micro-batch's loss, which the Trainer
+  then scales for accumulation as usual. So the step's gradient is the mean of the chunks' SAM
   gradients. Only the last chunk's pass 2 is synchronised.
 - ``"step"`` (n-SAM): one perturbation per optimizer step, from the gradient of the whole step.
   Pass 1 runs on each micro-batch as it comes, synchronised as the Trainer arranges, so that after
