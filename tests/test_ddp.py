@@ -1,6 +1,7 @@
 """Two real CPU processes (gloo) under torchrun: each rank perturbs with its own local gradient;
 the final gradient is the Trainer's all-reduced one."""
 
+import math
 import os
 import subprocess
 import sys
@@ -8,9 +9,23 @@ import sys
 import pytest
 import torch
 
-from helpers import TinyNet, assert_same_weights, reference_two_pass
+import helpers
+from ddp_train import INIT_SCALE, parse_run
+from helpers import TinyNet, assert_same_weights, reference_two_pass, reference_where_and_when
 
+# "METHOD:GRAD_ACCUM:MAX_GRAD_NORM[:KEY=VALUE,...]" (tests/ddp_train.py `parse_run`)
 RUNS = ["sam:2:0.0", "asam:1:0.05", "none:2:0.0", "wasam:1:0.0", "saf:1:0.0"]
+# where and when to perturb (sam_scope, sam_m, sam_start, sam_interval), average SAM
+SAM_STEP, ASAM_STEP = "sam:2:0.05:sam_scope=step", "asam:1:0.0:sam_scope=step"
+AVG_MICRO, AVG_STEP = "avg_sam:2:0.0", "avg_sam:2:0.0:sam_scope=step"
+SCHEDULE = "sam:1:0.0:sam_start=0.3,sam_interval=2,sam_m=2"
+# fp16 overflow on one process at its training forward call 5: SAM with accumulation 2 makes 4
+# forward calls per optimizer step, so call 5 opens step 2, and a step always opens with pass 1
+# of its first micro-batch (under "micro": pass 1, pass 2, pass 1, pass 2; under "step": the two
+# passes 1, then the two passes 2)
+OVERFLOW_STEP = "sam:2:0.05:sam_scope=step,num_train_epochs=2,overflow=1@5"
+OVERFLOW_MICRO = "sam:2:0.0:num_train_epochs=2,overflow=0@5"
+ALL_RUNS = [*RUNS, SAM_STEP, ASAM_STEP, AVG_MICRO, AVG_STEP, SCHEDULE, OVERFLOW_STEP, OVERFLOW_MICRO]
 
 
 @pytest.fixture(scope="module")
@@ -18,19 +33,24 @@ def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     script = os.path.join(os.path.dirname(__file__), "ddp_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", script, str(out), *RUNS]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, str(out), *ALL_RUNS]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)  # about 20 s when all goes well
+    except subprocess.TimeoutExpired:  # e.g. the processes wait in different collectives
+        proc.terminate()  # torchrun passes SIGTERM on to its workers (and SIGKILL 30 s later)
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail("the DDP runs hung:\n" + stdout[-3000:] + stderr[-5000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
     return {
         run: [torch.load(out / f"{run.replace(':', '_')}.rank{r}.pt", weights_only=True) for r in range(2)]
-        for run in RUNS
+        for run in ALL_RUNS
     }
 
 
 @pytest.mark.parametrize("run", RUNS[:3])
 def test_two_processes_match_reference_from_each_ranks_micro_batches(ddp_results, run):
-    method, grad_accum, clip = run.split(":")
-    grad_accum, clip = int(grad_accum), float(clip)
+    method, grad_accum, clip, _ = parse_run(run)
     ranks = ddp_results[run]
     assert [r["world_size"] for r in ranks] == [2, 2]
     n_steps = ranks[0]["global_step"]
@@ -91,3 +111,130 @@ def test_saf_ranks_find_past_logits_that_the_other_rank_recorded(ddp_results):
     assert torch.equal(ranks[0]["saf_epochs"], ranks[1]["saf_epochs"])  # both memories are complete and equal
     assert torch.equal(ranks[0]["saf_logits"], ranks[1]["saf_logits"])
     assert (ranks[0]["saf_epochs"] == 1).all()  # every row now holds epoch 1
+
+
+# ---- where and when to perturb, under DDP ----------------------------------------------------------
+
+
+def reference_setup(ranks, grad_accum):
+    """(initial model, per-step per-rank micro-batches) of a run, checking both ranks took the same steps."""
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    n_steps = ranks[0]["global_step"]
+    assert ranks[1]["global_step"] == n_steps
+    assert len(ranks[0]["batches"]) == n_steps * grad_accum
+    initial = TinyNet()
+    initial.load_state_dict(ranks[0]["initial"])
+    return initial, [[r["batches"][t * grad_accum : (t + 1) * grad_accum] for r in ranks] for t in range(n_steps)]
+
+
+def assert_final_weights(ranks, expected):
+    for r in ranks:
+        final = TinyNet()
+        final.load_state_dict(r["final"])
+        assert_same_weights(final, expected)
+
+
+def assert_elsewhere(model, expected):
+    assert not torch.allclose(model.fc1.weight, expected.fc1.weight, atol=1e-5)
+
+
+@pytest.mark.parametrize("run", [SAM_STEP, ASAM_STEP])
+def test_step_scope_perturbs_once_per_step_from_the_all_reduced_gradient(ddp_results, run):
+    """n-SAM: one e per optimizer step, from the gradient of every rank's micro-batches together;
+    with one micro-batch per step too, it is not m-SAM: the gradient is all-reduced over 2 ranks."""
+    method, grad_accum, clip, _ = parse_run(run)
+    ranks = ddp_results[run]
+    initial, steps = reference_setup(ranks, grad_accum)
+    perturbed = []
+    expected = reference_where_and_when(
+        initial, steps, method, rho=0.5, max_grad_norm=clip, scope="step", perturbed_losses=perturbed
+    )
+    assert_final_weights(ranks, expected)
+    for r in ranks:  # L(w + e) of the step, averaged over ranks, logged on every step
+        assert r["perturbed_loss"] == pytest.approx(perturbed, abs=1e-6)
+    # one perturbation per rank (and micro-batch) from its own gradient ends elsewhere
+    assert_elsewhere(reference_where_and_when(initial, steps, method, rho=0.5, max_grad_norm=clip, scope="micro"), expected)
+
+
+def test_average_sam_draws_each_process_its_own_directions_under_the_micro_scope(ddp_results, monkeypatch):
+    method, grad_accum, clip, _ = parse_run(AVG_MICRO)
+    ranks = ddp_results[AVG_MICRO]
+    initial, steps = reference_setup(ranks, grad_accum)
+    losses = []
+    expected = reference_where_and_when(initial, steps, method, rho=0.5, max_grad_norm=clip, seed=0, losses=losses)
+    assert_final_weights(ranks, expected)
+    for r in ranks:  # average SAM's loss is L(w + e); no perturbed_loss
+        assert r["loss"] == pytest.approx(losses, abs=1e-6) and r["perturbed_loss"] == []
+    # both ranks drawing the same directions (stream "all", each its own count) would end elsewhere
+    draw = helpers.random_directions
+    monkeypatch.setattr(helpers, "random_directions", lambda params, seed, stream, index: draw(params, seed, "all", index))
+    assert_elsewhere(reference_where_and_when(initial, steps, method, rho=0.5, max_grad_norm=clip, seed=0), expected)
+
+
+def test_average_sam_step_scope_draws_one_direction_per_step_for_all_processes(ddp_results):
+    method, grad_accum, clip, _ = parse_run(AVG_STEP)
+    ranks = ddp_results[AVG_STEP]
+    initial, steps = reference_setup(ranks, grad_accum)
+    losses = []
+    expected = reference_where_and_when(
+        initial, steps, method, rho=0.5, max_grad_norm=clip, scope="step", seed=0, losses=losses
+    )
+    assert_final_weights(ranks, expected)
+    for r in ranks:
+        assert r["loss"] == pytest.approx(losses, abs=1e-6) and r["perturbed_loss"] == []
+    assert_elsewhere(reference_where_and_when(initial, steps, method, rho=0.5, max_grad_norm=clip, seed=0), expected)
+
+
+def test_schedule_and_sam_m_under_ddp(ddp_results):
+    method, grad_accum, clip, flat = parse_run(SCHEDULE)
+    ranks = ddp_results[SCHEDULE]
+    initial, steps = reference_setup(ranks, grad_accum)
+    total = len(steps)
+    first = max(1, math.ceil(flat["sam_start"] * total))  # the definition: t >= s and (t - s) % interval == 0
+    scheduled = {t for t in range(1, total + 1) if t >= first and (t - first) % flat["sam_interval"] == 0}
+    assert scheduled and len(scheduled) < total and 1 not in scheduled  # the start and the interval both act
+    perturbed = []
+    expected = reference_where_and_when(
+        initial, steps, method, rho=0.5, max_grad_norm=clip, m=flat["sam_m"], perturbed_steps=scheduled,
+        perturbed_losses=perturbed,
+    )
+    assert_final_weights(ranks, expected)
+    for r in ranks:  # logged on the perturbed steps only
+        assert r["perturbed_loss"] == pytest.approx([v for v in perturbed if v is not None], abs=1e-6)
+    every_step = reference_where_and_when(initial, steps, method, rho=0.5, max_grad_norm=clip, m=flat["sam_m"])
+    assert_elsewhere(every_step, expected)
+
+
+@pytest.mark.parametrize("run", [OVERFLOW_STEP, OVERFLOW_MICRO])
+def test_fp16_overflow_in_pass_1_on_one_process_skips_the_step_on_both(ddp_results, run):
+    """The inf of one process reaches the other through the all-reduce (of pass 1 under
+    sam_scope="step", of pass 2 under "micro"): both skip the step and halve the scale alike;
+    under "step" neither runs pass 2 of that step."""
+    method, grad_accum, clip, flat = parse_run(run)
+    overflow_rank, overflow_call = map(int, flat["overflow"].split("@"))
+    calls_per_step = 2 * grad_accum  # (SAM) pass 1 and pass 2 of each micro-batch
+    skipped = (overflow_call - 1) // calls_per_step + 1
+    assert (overflow_call - 1) % calls_per_step == 0  # the step's first call: pass 1 of its first micro-batch
+    ranks = ddp_results[run]
+    initial, steps = reference_setup(ranks, grad_accum)
+    total = len(steps)
+    assert 1 < skipped < total
+    assert [r["overflows"] for r in ranks] == [int(rank == overflow_rank) for rank in range(2)]
+    scope = flat.get("sam_scope", "micro")
+    calls = calls_per_step * total - (grad_accum if scope == "step" else 0)
+    assert [r["forward_calls"] for r in ranks] == [calls, calls]
+    for r in ranks:
+        assert r["scales"] == {t: INIT_SCALE if t < skipped else INIT_SCALE / 2 for t in range(1, total + 1)}
+        assert all(math.isfinite(v) for v in r["loss"] + r["perturbed_loss"])
+        for t in range(1, total + 1):
+            before = r["live"][t - 1] if t > 1 else r["initial"]
+            assert all(torch.isfinite(v).all() for v in r["live"][t].values()), t
+            unchanged = all(torch.equal(v, before[k]) for k, v in r["live"][t].items())
+            assert unchanged == (t == skipped), t
+    for t in range(1, total + 1):
+        for k, v in ranks[0]["live"][t].items():
+            assert torch.equal(v, ranks[1]["live"][t][k]), (t, k)
+    # every other step is the exact SAM step (the loss scale is a power of 2)
+    kept = steps[: skipped - 1] + steps[skipped:]
+    expected = reference_where_and_when(initial, kept, method, rho=0.5, max_grad_norm=clip, scope=scope)
+    assert_final_weights(ranks, expected)
