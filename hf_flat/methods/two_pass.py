@@ -220,9 +220,9 @@ class TwoPassMethod(ABC):
                 loss, perturbed = self._two_passes(trainer, model, named, params, chunk, num_items_in_batch, share, sync)
                 sharpness = perturbed - loss
             else:
-                e = self.perturbation([n for n, _ in named], params, None)
+                saved = self.add_perturbation(params, self.perturbation([n for n, _ in named], params, None))
                 with sync:
-                    loss = self._at(trainer, model, params, e, [(chunk, num_items_in_batch, share)], frozen=False)
+                    loss = self._at(trainer, model, params, saved, [(chunk, num_items_in_batch, share)], frozen=False)
                 perturbed = sharpness = None
             total = _add(total, loss)
             perturbed_total, sharpness_total = _add(perturbed_total, perturbed), _add(sharpness_total, sharpness)
@@ -285,17 +285,18 @@ class TwoPassMethod(ABC):
         else:
             params = [p for _, p in named]
             e = self.perturbation([n for n, _ in named], params, None)
+        saved = self.add_perturbation(params, e)
+        del e  # frees g's memory before pass 2 allocates new gradients
         groups = [(batch, items, 1) for batch, items in window]
-        perturbed = self._at(trainer, model, params, e, groups, frozen=self.uses_gradient)
+        perturbed = self._at(trainer, model, params, saved, groups, frozen=self.uses_gradient)
         if not self.uses_gradient:
             return PassLosses(perturbed)
         return PassLosses(loss, perturbed, perturbed - window_loss)
 
-    def _at(self, trainer, model, params, e, groups, frozen: bool) -> torch.Tensor:
+    def _at(self, trainer, model, params, saved, groups, frozen: bool) -> torch.Tensor:
         """Forward and backward passes over `groups` (``(inputs, num_items_in_batch, share)``) at
-        ``w + e``; only the last one is synchronised. `w` is restored exactly afterwards."""
-        saved = self.add_perturbation(params, e)
-        del e
+        ``w + e``, which `params` hold now; only the last one is synchronised. `params` are restored
+        exactly from `saved` (the copy `add_perturbation` returned) afterwards."""
         total = None
         try:
             for j, (batch, items, share) in enumerate(groups):
