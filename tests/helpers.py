@@ -212,11 +212,14 @@ def save_tiny_t5(path) -> str:
 
 def random_directions(params, seed, stream, index):
     """Average SAM's z for perturbation number `index` of `stream`, drawn as its docstring says:
-    a CPU generator seeded with `direction_seed`, one float32 `randn` per parameter, in order."""
+    for parameter i, a float32 `randn` from a CPU generator seeded with `direction_seed(..., i)`."""
     from hf_flat.methods.avg_sam import direction_seed
 
-    generator = torch.Generator().manual_seed(direction_seed(seed, stream, index))
-    return [torch.randn(p.shape, generator=generator, dtype=torch.float32) for p in params]
+    return [
+        torch.randn(p.shape, generator=torch.Generator().manual_seed(direction_seed(seed, stream, index, i)),
+                    dtype=torch.float32)
+        for i, p in enumerate(params)
+    ]
 
 
 def reference_where_and_when(

@@ -227,15 +227,19 @@ def test_average_sam_leaves_data_order_and_the_global_random_streams_alone(tmp_p
 def test_average_sam_directions_follow_the_seed_and_the_count(tmp_path):
     from hf_flat.methods.avg_sam import direction_seed
 
-    seeds = {direction_seed(s, stream, k) for s in (0, 1) for stream in ("0", "1", "all") for k in (0, 1, 2)}
-    assert len(seeds) == 18 and all(0 <= s < 2**63 for s in seeds)
+    seeds = {direction_seed(s, stream, k, i) for s in (0, 1) for stream in ("0", "1", "all") for k in (0, 1, 2)
+             for i in (0, 1)}
+    assert len(seeds) == 36 and all(0 <= s < 2**63 for s in seeds)
     assert 0 not in seeds and 1 not in seeds  # never the seed torch's global generator got
     finals = {}
     for seed in (0, 1):
-        trainer, _ = train_recorded(tmp_path / str(seed), TinyNet(), flat_method="avg_sam", sam_rho=1.0, seed=seed,
-                                    data_seed=0)
+        trainer, batches = train_recorded(tmp_path / str(seed), TinyNet(), flat_method="avg_sam", sam_rho=1.0,
+                                          seed=seed, data_seed=0)
         finals[seed] = trainer.model.fc1.weight.detach().clone()
         assert trainer.perturbation.draws == trainer.state.global_step
+        expected = reference_where_and_when(TinyNet(), group_steps(batches, 1, trainer.state.global_step), "avg_sam",
+                                            rho=1.0, seed=seed)
+        assert_same_weights(trainer.model, expected)
     assert not torch.allclose(finals[0], finals[1])
 
 

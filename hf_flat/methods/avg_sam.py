@@ -12,15 +12,16 @@ forward/backward pass, at ``w + e``; the logged ``loss`` is that pass's loss, L(
 ``perturbed_loss`` / ``sharpness`` is logged. BatchNorm running statistics come from that pass.
 The paper uses rho = 0.5 and 1.0, ten to twenty times SAM's radius.
 
-**Random numbers.** ``z`` comes from a dedicated `torch.Generator` on the device of the first
-trainable parameter, never from torch's global generators, so it is independent of the data order
-and of dropout and leaves both untouched. Perturbation number ``k`` (0-based, counted over the
-run) re-seeds that generator with `direction_seed` ``(args.seed, stream, k)``, where the stream is
-the process index under ``sam_scope="micro"`` (each process draws its own directions) and ``all``
-under ``sam_scope="step"`` (one direction per step, the same on every process). ``z`` is drawn
-parameter by parameter in ``model.named_parameters()`` order, each ``torch.randn`` of the
-parameter's shape in float32. The count ``k`` is saved with checkpoints, so a resumed run draws
-exactly the directions the uninterrupted run would have drawn.
+**Random numbers.** ``z`` comes from dedicated `torch.Generator` objects on the parameters'
+devices, never from torch's global generators, so it is independent of the data order and of
+dropout and leaves both untouched. In perturbation number ``k`` (0-based, counted over the run),
+the part of ``z`` for trainable parameter number ``i`` (in ``model.named_parameters()`` order) is
+``torch.randn`` of the parameter's shape in float32 from a generator seeded with `direction_seed`
+``(args.seed, stream, k, i)``. The stream is the process index under ``sam_scope="micro"`` (each
+process draws its own directions) and ``all`` under ``sam_scope="step"`` (one direction per step,
+the same on every process). (Every part has its own seed, so the parts do not depend on the order
+in which they are drawn.) The count ``k`` is saved with checkpoints, so a resumed run draws exactly the directions
+the uninterrupted run would have drawn.
 """
 
 import hashlib
@@ -35,11 +36,11 @@ EPS = 1e-12
 STATE_VERSION = "1"
 
 
-def direction_seed(seed: int, stream: str, index: int) -> int:
-    """The seed of random direction number `index` of `stream`: 63 bits of a SHA-256 hash, so that
-    nearby seeds, streams and indices give unrelated generators (and none equals `seed` itself, from
-    which torch's global generator is seeded)."""
-    digest = hashlib.sha256(f"hf_flat.avg_sam/{seed}/{stream}/{index}".encode()).digest()
+def direction_seed(seed: int, stream: str, index: int, part: int) -> int:
+    """The seed of part `part` (a parameter) of random direction number `index` of `stream`: 63 bits
+    of a SHA-256 hash, so that nearby seeds, streams, indices and parts give unrelated generators
+    (and none equals `seed` itself, from which torch's global generator is seeded)."""
+    digest = hashlib.sha256(f"hf_flat.avg_sam/{seed}/{stream}/{index}/{part}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
@@ -53,24 +54,20 @@ class AverageSAM(TwoPassMethod):
         super().__init__(**schedule_and_scope)
         self.rho, self.seed, self.process_index = rho, seed, process_index
         self.draws = 0  # perturbations drawn so far in this run (k)
-        self._generator = None
 
     def perturbation(self, names, params, grads=None):
         if not params:
             return []
-        device = params[0].device
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
         stream = "all" if self.scope == "step" else str(self.process_index)
-        self._generator.manual_seed(direction_seed(self.seed, stream, self.draws))
-        self.draws += 1
+        index, self.draws = self.draws, self.draws + 1
+
         z, norms = [], []
-        for p in params:  # drawn in float32, kept in the parameter's dtype: z takes the room of one copy of w
-            zi = torch.randn(p.shape, generator=self._generator, device=device, dtype=torch.float32)
-            norms.append(torch.linalg.vector_norm(zi))
-            z.append(zi.to(device=p.device, dtype=p.dtype))
-        scale = self.rho / (torch.linalg.vector_norm(torch.stack(norms)) + EPS)
-        torch._foreach_mul_(z, scale)
+        for i, p in enumerate(params):  # drawn in float32, kept in the parameter's dtype: z takes one copy of w
+            generator = torch.Generator(device=p.device).manual_seed(direction_seed(self.seed, stream, index, i))
+            zi = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
+            norms.append(torch.linalg.vector_norm(zi).to(params[0].device))
+            z.append(zi.to(p.dtype))
+        torch._foreach_mul_(z, self.rho / (torch.linalg.vector_norm(torch.stack(norms)) + EPS))
         return z
 
     def add_perturbation(self, params, e):

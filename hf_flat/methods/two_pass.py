@@ -177,6 +177,7 @@ class TwoPassMethod(ABC):
         self._window_loss = None  # scope "step": the sum of their pass-1 losses
         self._window_step = None  # scope "step": the optimizer step (global_step) the window belongs to
         self._checked_batch_size = None
+        self._buffer = None  # scope "micro" with sam_m: the copy of w, reused by the micro-batch's chunks
 
     @abstractmethod
     def perturbation(
@@ -213,6 +214,7 @@ class TwoPassMethod(ABC):
         params = [p for _, p in named]
         chunks = self._chunks(trainer, inputs)
         total = perturbed_total = sharpness_total = None
+        self._buffer = None  # the copy of w, reused from chunk to chunk
         for i, (chunk, share) in enumerate(chunks):
             # only the last pass-2 backward of the micro-batch takes part in the Trainer's all-reduce
             sync = contextlib.nullcontext() if i == len(chunks) - 1 else trainer.accelerator.no_sync(model)
@@ -226,6 +228,7 @@ class TwoPassMethod(ABC):
                 perturbed = sharpness = None
             total = _add(total, loss)
             perturbed_total, sharpness_total = _add(perturbed_total, perturbed), _add(sharpness_total, sharpness)
+        self._buffer = None
         return PassLosses(total, perturbed_total, sharpness_total)
 
     def _two_passes(self, trainer, model, named, params, inputs, num_items_in_batch, share, sync):
@@ -239,7 +242,8 @@ class TwoPassMethod(ABC):
         active = [i for i, p in enumerate(params) if p.grad is not None]
         active_params = [params[i] for i in active]
         e = self.perturbation([named[i][0] for i in active], active_params, [params[i].grad for i in active])
-        saved = _add_perturbation(active_params, e)
+        saved = _add_perturbation(active_params, e, into=self._buffer)
+        self._buffer = saved
         # Give the accumulated gradients back (pass 2 adds to them); this frees g, which held e.
         for p, acc in zip(params, accumulated):
             if e is None and p.grad is not None:
@@ -337,12 +341,17 @@ def _add(total, value):
     return value if total is None else total + value
 
 
-def _add_perturbation(params: list[torch.Tensor], e: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
-    """``w <- w + e`` in place; returns the copy of ``w`` that restores it (None: nothing was added)."""
+def _add_perturbation(params: list[torch.Tensor], e: list[torch.Tensor] | None, into=None) -> list[torch.Tensor] | None:
+    """``w <- w + e`` in place; returns the copy of ``w`` that restores it (None: nothing was added),
+    written into the tensors `into` when they fit (a copy made for an earlier chunk)."""
     if not e:  # None: g is not finite; []: no parameter received a gradient
         return None
     with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
+        if into is not None and [t.shape for t in into] == [p.shape for p in params]:
+            saved = into
+            torch._foreach_copy_(saved, [p.detach() for p in params])
+        else:
+            saved = [p.detach().clone() for p in params]
         torch._foreach_add_(params, e)
     return saved
 
