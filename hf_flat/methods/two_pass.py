@@ -164,7 +164,8 @@ class TwoPassMethod(ABC):
             ``"step"`` (one per optimizer step, from the whole step's gradient).
         m: samples per perturbation within a micro-batch (``scope="micro"`` only); None: the whole
             micro-batch.
-        start: the fraction of the optimizer steps before the first perturbed step, in [0, 1).
+        start: in [0, 1); the first perturbed step is ``max(1, ceil(start * T))`` of ``T`` (so 0.8
+            perturbs the last 20% of the steps and one more: steps 16-20 of 20).
         interval: every `interval`-th optimizer step from there on is perturbed.
     """
 
