@@ -303,10 +303,13 @@ def test_settings_for_a_method_that_does_not_read_them_are_reported(tmp_path):
 
 
 def test_a_batch_size_that_sam_m_does_not_divide_is_refused_when_training_starts(tmp_path):
+    class AutoFoundBatchSize(TrainerCallback):  # what auto_find_batch_size may set once training has started
+        def on_train_begin(self, args, state, control, **kwargs):
+            trainer._train_batch_size = 3
+
     model = CountingNet()
     trainer = FlatTrainer(model=model, args=sgd_args(tmp_path, flat_method="sam", sam_m=2, sam_start=0.5),
-                          train_dataset=TinyData())
-    trainer._train_batch_size = 3  # what auto_find_batch_size may set once training has started
+                          train_dataset=TinyData(), callbacks=[AutoFoundBatchSize()])
     with pytest.raises(ValueError, match=r"sam_m=2 must divide the per-device batch size, which is 3 in this run"):
         trainer.train()
     assert model.passes == {}  # refused before the first step, not at the first perturbed one
