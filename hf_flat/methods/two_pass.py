@@ -178,7 +178,6 @@ class TwoPassMethod(ABC):
         self._window_loss = None  # scope "step": the sum of their pass-1 losses
         self._window_step = None  # scope "step": the optimizer step (global_step) the window belongs to
         self._checked_batch_size = None
-        self._buffer = None  # scope "micro" with sam_m: the copy of w, reused by the micro-batch's chunks
 
     @abstractmethod
     def perturbation(
@@ -215,12 +214,14 @@ class TwoPassMethod(ABC):
         params = [p for _, p in named]
         chunks = self._chunks(trainer, inputs)
         total = perturbed_total = sharpness_total = None
-        self._buffer = None  # the copy of w, reused from chunk to chunk
+        copy = None  # the copy of w, reused from chunk to chunk
         for i, (chunk, share) in enumerate(chunks):
             # only the last pass-2 backward of the micro-batch takes part in the Trainer's all-reduce
             sync = contextlib.nullcontext() if i == len(chunks) - 1 else trainer.accelerator.no_sync(model)
             if self.uses_gradient:
-                loss, perturbed = self._two_passes(trainer, model, named, params, chunk, num_items_in_batch, share, sync)
+                loss, perturbed, copy = self._two_passes(
+                    trainer, model, named, params, chunk, num_items_in_batch, share, sync, copy
+                )
                 sharpness = perturbed - loss
             else:
                 saved = self.add_perturbation(params, self.perturbation([n for n, _ in named], params, None))
@@ -229,11 +230,11 @@ class TwoPassMethod(ABC):
                 perturbed = sharpness = None
             total = _add(total, loss)
             perturbed_total, sharpness_total = _add(perturbed_total, perturbed), _add(sharpness_total, sharpness)
-        self._buffer = None
         return PassLosses(total, perturbed_total, sharpness_total)
 
-    def _two_passes(self, trainer, model, named, params, inputs, num_items_in_batch, share, sync):
-        """Steps 1-5 of the module docstring on one group of samples; returns ``(L(w), L(w + e))``."""
+    def _two_passes(self, trainer, model, named, params, inputs, num_items_in_batch, share, sync, copy=None):
+        """Steps 1-5 of the module docstring on one group of samples, saving w into `copy` when it fits;
+        returns ``(L(w), L(w + e))`` and the copy of w, for the next chunk to reuse."""
         accumulated = [p.grad for p in params]
         for p in params:
             p.grad = None
@@ -243,8 +244,7 @@ class TwoPassMethod(ABC):
         active = [i for i, p in enumerate(params) if p.grad is not None]
         active_params = [params[i] for i in active]
         e = self.perturbation([named[i][0] for i in active], active_params, [params[i].grad for i in active])
-        saved = _add_perturbation(active_params, e, into=self._buffer)
-        self._buffer = saved
+        saved = _add_perturbation(active_params, e, into=copy)
         # Give the accumulated gradients back (pass 2 adds to them); this frees g, which held e.
         for p, acc in zip(params, accumulated):
             if e is None and p.grad is not None:
@@ -258,7 +258,7 @@ class TwoPassMethod(ABC):
                 perturbed = trainer.forward_backward(model, inputs, num_items_in_batch, share)
         finally:
             _restore(active_params, saved)
-        return loss, perturbed
+        return loss, perturbed, saved
 
     def _whole_step(self, trainer, model, inputs, num_items_in_batch) -> PassLosses:
         """Scope "step": keep the micro-batch (pass 1 now, for gradient-based methods); on the
