@@ -13,7 +13,9 @@ what is allowed.
 """
 
 import copyreg
+import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -25,13 +27,74 @@ PERTURBATION_METHODS = ("sam", "asam", "avg_sam", "saf", "mesa")
 #: two passes for SAM and ASAM, one for average SAM, whose ``e`` needs no gradient.
 TWO_PASS_METHODS = ("sam", "asam", "avg_sam")
 #: Where and when those methods perturb, with their defaults (the arguments only they read).
-PERTURBATION_SETTINGS = {"sam_m": None, "sam_scope": "micro", "sam_start": 0.0, "sam_interval": 1}
+PERTURBATION_SETTINGS = {"sam_m": None, "sam_scope": None, "sam_start": 0.0, "sam_interval": 1}
 #: Averaging methods implemented so far.
 AVERAGING_METHODS = ("swa", "ema")
 #: Names the papers use for combinations.
 ALIASES = {"wasam": "sam+swa"}
 #: Optimizers that update the weights inside `backward()`: a two-pass step cannot run with them.
 _STEP_IN_BACKWARD_OPTIMIZERS = ("lomo", "adalomo")
+
+
+#: Why DeepSpeed cannot run the methods that read or move the weights, one sentence per ZeRO stage.
+DEEPSPEED_STAGES = {
+    0: "ZeRO stage 0: DeepSpeed's backward() also steps the optimizer at the end of each accumulation window, so "
+    "a first pass at w (SAM, ASAM) would already move the weights, and with bf16/fp16 the weights it trains are "
+    "an fp32 copy inside its optimizer, not the module's weights that an average or a teacher would read.",
+    1: "ZeRO stage 1: as stage 0, and that fp32 copy is partitioned across processes inside the optimizer.",
+    2: "ZeRO stage 2: as stage 1, and the gradients are reduced and partitioned inside backward(), so no process "
+    "holds the gradient a perturbation is made from.",
+    3: "ZeRO stage 3: the module's weights themselves are partitioned and empty outside a forward pass, so there "
+    "is nothing to perturb, average or copy.",
+}
+
+
+def deepspeed_stage(deepspeed) -> int | None:
+    """The ZeRO stage of a `deepspeed` argument (a dict or the path of a JSON file), if it says."""
+    config = deepspeed
+    if isinstance(deepspeed, str) and os.path.isfile(deepspeed):
+        with open(deepspeed, encoding="utf-8") as f:
+            config = json.load(f)
+    stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    return stage if stage in DEEPSPEED_STAGES else None
+
+
+def deepspeed_refusal(flat_method: str, stage: int | None) -> str:
+    """The error for a flat method that reads or moves the weights under DeepSpeed."""
+    this_run = f" (this configuration: stage {stage})" if stage is not None else ""
+    return (
+        f"flat_method={flat_method!r} cannot run under DeepSpeed{this_run}. "
+        + " ".join(DEEPSPEED_STAGES.values())
+        + " Use FSDP instead, under which every flat method is exact: fsdp='full_shard' with "
+        "fsdp_config={'version': 2}, or `accelerate launch` with an FSDP config file (see the README); or DDP. "
+        "flat_method='saf' reads only the model's outputs and runs under DeepSpeed."
+    )
+
+
+def fsdp1_refusal(flat_method: str, version) -> str:
+    return (
+        f"flat_method={flat_method!r} works on FSDP2's sharded parameters, not on FSDP1's flattened ones "
+        f"(FSDP version {version!r}): set fsdp_config={{'version': 2}} (the default of transformers 5), or "
+        "fsdp_version: 2 in the accelerate config file."
+    )
+
+
+def sharded_scope_refusal(flat_method: str, scope: str | None, m: int | None) -> str | None:
+    """Why `scope` / `m` cannot run under FSDP (None: they can)."""
+    if scope != "micro" and m is None:
+        return None
+    setting = f"sam_scope={scope!r}" if scope == "micro" else f"sam_m={m!r}"
+    return (
+        f"{setting} is not allowed with flat_method={flat_method!r} under FSDP: FSDP splits every parameter "
+        "across the processes, so all of them must add the same perturbation e to their parts, and a "
+        "perturbation per process or per micro-batch (m-SAM) does not exist. Under FSDP the perturbation is "
+        "n-SAM's, one per optimizer step from the gradient of the whole step: set sam_scope='step' or leave it "
+        "None, and sam_m=None; for m-SAM, train with DDP."
+    )
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
 def accepted_flat_methods() -> list[str]:
@@ -121,12 +184,13 @@ class FlatArgumentsMixin:
             "chunks of m samples, each perturbed with its own gradient (costs one more pass pair per chunk)."
         },
     )
-    sam_scope: str = field(
-        default="micro",
+    sam_scope: str | None = field(
+        default=None,
         metadata={
             "help": "SAM / ASAM / average SAM: 'micro' (one perturbation per micro-batch and process, or per "
             "sam_m samples) or 'step' (n-SAM: one perturbation per optimizer step, from the gradient of the whole "
-            "step over every micro-batch and process; keeps the step's inputs until its last micro-batch)."
+            "step over every micro-batch and process; keeps the step's inputs until its last micro-batch). "
+            "None: 'micro', or 'step' under FSDP, where every process must add the same perturbation."
         },
     )
     sam_start: float = field(
@@ -222,11 +286,10 @@ class FlatArgumentsMixin:
         self._check_where_and_when()
         if self.flat_perturbation in TWO_PASS_METHODS:
             self._refuse_unsupported_two_pass_setups()
-        if self.flat_perturbation == "mesa" and (self.deepspeed or self.fsdp):
-            raise ValueError(
-                "flat_method='mesa' keeps a full float32 copy of the model as its EMA teacher, which "
-                "DeepSpeed / FSDP shard: train with DDP, or use flat_method='saf' (no copy of the model)."
-            )
+        if self.deepspeed and (self.flat_perturbation in (*TWO_PASS_METHODS, "mesa") or self.flat_averaging):
+            raise ValueError(deepspeed_refusal(self.flat_method, deepspeed_stage(self.deepspeed)))
+        if self.fsdp or _env_flag("ACCELERATE_USE_FSDP"):
+            self._check_fsdp()
         if self.flat_averaging is not None and self.load_best_model_at_end:
             raise ValueError(
                 f"load_best_model_at_end=True is not supported with flat_method={self.flat_method!r}: at the "
@@ -239,7 +302,7 @@ class FlatArgumentsMixin:
         """`sam_m`, `sam_scope`, `sam_start`, `sam_interval`: their values, and a warning when they are
         set for a method that does not read them."""
         _check(self, "sam_m", lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1")
-        _check(self, "sam_scope", lambda v: v in ("micro", "step"), "'micro' or 'step'")
+        _check(self, "sam_scope", lambda v: v in (None, "micro", "step"), "None, 'micro' or 'step'")
         _check(self, "sam_start", lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
         _check(self, "sam_interval", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
         if self.sam_m is not None:
@@ -264,21 +327,21 @@ class FlatArgumentsMixin:
                     stacklevel=3,
                 )
 
+    def _check_fsdp(self):
+        """Under FSDP: version 2 only; two-pass methods perturb once per step (see `sharded_scope_refusal`)."""
+        if self.flat_method == "none" or self.flat_perturbation == "saf" and not self.flat_averaging:
+            return  # SAF reads only the model's outputs: any FSDP version
+        config = self.fsdp_config if isinstance(self.fsdp_config, dict) else {}
+        version = config.get("version", config.get("fsdp_version", os.environ.get("FSDP_VERSION", 2)))
+        if str(version) != "2":
+            raise ValueError(fsdp1_refusal(self.flat_method, version))
+        if self.flat_perturbation in TWO_PASS_METHODS:
+            refusal = sharded_scope_refusal(self.flat_method, self.sam_scope, self.sam_m)
+            if refusal:
+                raise ValueError(refusal)
+
     def _refuse_unsupported_two_pass_setups(self):
         method = self.flat_method
-        if self.deepspeed:
-            raise ValueError(
-                f"flat_method={method!r} moves the weights to w + e for a forward/backward pass and back before the "
-                "optimizer step, which DeepSpeed cannot run: its backward() already steps the optimizer and ZeRO-3 "
-                "keeps no full weights to perturb. Drop deepspeed= and train with DDP (`accelerate launch` / `torchrun`), using "
-                "PEFT/LoRA if the model is too large, or use flat_method='none'."
-            )
-        if self.fsdp:
-            raise ValueError(
-                f"flat_method={method!r} is not supported with fsdp={self.fsdp!r}: the perturbation needs its "
-                "norm over all shards. Train with DDP (`accelerate launch` / `torchrun`), "
-                "using PEFT/LoRA if the model is too large."
-            )
         optim = str(getattr(self.optim, "value", self.optim))
         if optim in _STEP_IN_BACKWARD_OPTIMIZERS or "layerwise" in optim:
             raise ValueError(

@@ -14,17 +14,20 @@ trainable parameters (under PEFT: the adapters), is kept in float32 (on the para
 or on the CPU with ``average_on_cpu``) and is updated with torch's foreach averaging functions.
 BatchNorm running statistics are recomputed for the averaged weights (one pass over the
 training data, momentum ``None``) before they are evaluated or become the final model.
+
+Under FSDP2 each process averages the rows of each parameter that it holds (`hf_flat.sharding`):
+the average takes ``1 / processes`` of a float32 copy of the trainable weights on each process,
+and updating it needs no communication. Checkpoints store it by rows of the whole parameters
+(`hf_flat.state_file`), so a run with any number of processes, sharded or not, can resume it.
 """
 
 import contextlib
 import json
 import math
-import os
 import random
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import get_ema_multi_avg_fn, get_swa_multi_avg_fn
@@ -33,6 +36,8 @@ from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 from .methods.two_pass import start_step
+from .sharding import ShardedTensor, is_sharded, local, reshard, rows_of
+from .state_file import rows_of_state, shape_in_state
 
 logger = logging.get_logger(__name__)
 
@@ -113,6 +118,7 @@ class WeightAveraging(TrainerCallback):
         self.count = 0  # snapshots in the SWA mean / EMA updates so far
         self.start_step = None
         self.params: dict[str, nn.Parameter] = {}  # the model's parameters by name, set when training begins
+        self._restored = None  # (tensors, names) of an average restored from a checkpoint, until training begins
 
     # ---- schedule ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
@@ -123,6 +129,7 @@ class WeightAveraging(TrainerCallback):
                 "ends. Set average_freq to the number of optimizer steps between snapshots."
             )
         self.start_step = start_step(self.start, state.max_steps)
+        reshard(model)  # (FSDP2: the sharded parameters, which the optimizer updates)
         self.params = dict(model.named_parameters())
         self._check_restored_average()
         if self.first_snapshot(state.max_steps) is None and self.count == 0:
@@ -154,20 +161,31 @@ class WeightAveraging(TrainerCallback):
         )
 
     def _check_restored_average(self):
-        unknown = [n for n in self.average if n not in self.params]
+        """Take the restored average's rows that this process holds (all of them unless sharded),
+        after checking its names and shapes against the model."""
+        if self._restored is None:
+            return
+        tensors, names = self._restored
+        self._restored = None
+        unknown = [n for n in names if n not in self.params]
         if unknown:
             raise ValueError(
                 f"The averaged weights restored from the checkpoint include {len(unknown)} parameter(s) the "
                 f"model does not have, e.g. {unknown[:3]}: resume with the model that wrote the checkpoint."
             )
-        for name, a in self.average.items():
-            if a.shape != self.params[name].shape:
+        for name in names:
+            shape = shape_in_state(tensors, f"averaging.{name}")
+            if shape != tuple(self.params[name].shape):
                 raise ValueError(
-                    f"The averaged weight {name!r} in the checkpoint has shape {tuple(a.shape)} but the model's "
+                    f"The averaged weight {name!r} in the checkpoint has shape {shape} but the model's "
                     f"parameter has shape {tuple(self.params[name].shape)}."
                 )
-        if not self.on_cpu:  # restored from a checkpoint, on the CPU
-            self.average = {n: a.to(self.params[n].device) for n, a in self.average.items()}
+        self.average = {
+            n: rows_of_state(tensors, f"averaging.{n}", rows_of(self.params[n])).to(
+                device="cpu" if self.on_cpu else local(self.params[n]).device, dtype=torch.float32
+            )
+            for n in names
+        }
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # After every callback's on_step_begin and the backward passes, before the weights move: a
@@ -199,7 +217,8 @@ class WeightAveraging(TrainerCallback):
                 self.average[name] = self._float32_copy(p)
 
     def _float32_copy(self, p):
-        return p.detach().to(device="cpu" if self.on_cpu else p.device, dtype=torch.float32, copy=True)
+        p = local(p).detach()
+        return p.to(device="cpu" if self.on_cpu else p.device, dtype=torch.float32, copy=True)
 
     @torch.no_grad()
     def update(self):
@@ -211,7 +230,7 @@ class WeightAveraging(TrainerCallback):
         self.admit_new_parameters()  # also those unfrozen after the optimizer step (they did not move)
         names = list(self.average)
         average = [self.average[n] for n in names]
-        current = [self.params[n].detach() for n in names]
+        current = [local(self.params[n]).detach() for n in names]
         if any(a.device != p.device or a.dtype != p.dtype for a, p in zip(average, current)):
             current = [p.to(device=a.device, dtype=a.dtype) for a, p in zip(average, current)]
         self.update_fn(average, current, self.count)
@@ -221,9 +240,10 @@ class WeightAveraging(TrainerCallback):
     @torch.no_grad()
     def copy_to(self, model):
         """Put the averaged weights into `model`, each by name, and recompute its BatchNorm statistics."""
+        reshard(model)
         params = dict(model.named_parameters())
         for name, a in self.average.items():
-            params[name].copy_(a)
+            local(params[name]).copy_(a)
         if self.batchnorm_batches is not None:
             recompute_batchnorm(model, self.batchnorm_batches)
 
@@ -231,7 +251,8 @@ class WeightAveraging(TrainerCallback):
     def swapped_in(self, model):
         """Evaluate the averaged weights inside this block; afterwards the live weights, BatchNorm
         buffers and random streams are exactly what they were."""
-        params = dict(model.named_parameters())
+        reshard(model)
+        params = {n: local(p) for n, p in model.named_parameters()}
         live = {n: params[n].detach().to("cpu" if self.on_cpu else params[n].device, copy=True) for n in self.average}
         buffers = {k: b.clone() for k, b in _batchnorm_buffers(model).items()}
         try:
@@ -239,6 +260,7 @@ class WeightAveraging(TrainerCallback):
                 self.copy_to(model)
                 yield
         finally:
+            reshard(model)  # (FSDP2: the evaluation left the root module holding the averaged weights)
             with torch.no_grad():
                 for name, w in live.items():
                     params[name].copy_(w)
@@ -259,7 +281,12 @@ class WeightAveraging(TrainerCallback):
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        tensors = {f"averaging.{n}": a.detach().cpu().contiguous() for n, a in self.average.items()}
+        """The average by name; under FSDP2, this process's rows of it (`ShardedTensor`)."""
+        tensors = {}
+        for n, a in self.average.items():
+            a = a.detach().cpu().contiguous()
+            p = self.params.get(n)
+            tensors[f"averaging.{n}"] = ShardedTensor(a, rows_of(p)) if is_sharded(p) else a
         meta = {
             "averaging_version": STATE_VERSION,
             "averaging": self.method,
@@ -275,7 +302,9 @@ class WeightAveraging(TrainerCallback):
                 f"{self.method!r}; resume with the checkpoint's flat_method."
             )
         self.count = int(meta["averaging_count"])
-        self.average = {n: tensors[f"averaging.{n}"] for n in json.loads(meta["averaging_names"])}
+        # the rows this process needs are taken when training begins and the model's layout is known
+        self._restored = (tensors, json.loads(meta["averaging_names"]))
+        self.average = {}
 
 
 def _batchnorm_buffers(model):
@@ -285,48 +314,6 @@ def _batchnorm_buffers(model):
         if isinstance(m, _BatchNorm)
         for buf_name, buf in m.named_buffers(recurse=False)
     }
-
-
-def save_flat_state(path, parts, flat_method=None):
-    """Write the state of every flat component (`(tensors, metadata)` pairs) to one safetensors
-    file, atomically: a temporary file in the same folder, then a rename, so the file is either
-    complete or absent."""
-    tensors, meta = {}, {"hf_flat_state_version": STATE_VERSION}
-    if flat_method is not None:
-        meta["flat_method"] = str(flat_method)
-    for part_tensors, part_meta in parts:
-        tensors.update(part_tensors)
-        meta.update(part_meta)
-    temporary = f"{path}.tmp"
-    save_file(tensors, temporary, metadata=meta)
-    os.replace(temporary, path)
-
-
-#: The layout version of each part of the flat state file that this hf-flat reads.
-READABLE_VERSIONS = {"hf_flat_state_version": STATE_VERSION, "averaging_version": "1", "saf_version": "1",
-                     "mesa_version": "1", "avg_sam_version": "1"}
-
-
-def load_flat_state(path):
-    """The tensors and metadata of a flat state file, after checking that this hf-flat can read
-    every part of it (its version keys); a damaged or foreign file is a clear error."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(path)
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path} cannot be read as a flat state file ({error}): resume from another checkpoint.") from error
-    for key, value in meta.items():
-        if key.endswith("_version") and READABLE_VERSIONS.get(key) != value:
-            readable = READABLE_VERSIONS.get(key)
-            raise ValueError(
-                f"{path} holds {key}={value!r}, which this hf-flat cannot read"
-                + (f" (it reads version {readable!r})" if readable else " (a part it does not know)")
-                + ": resume with the hf-flat version that wrote the checkpoint."
-            )
-    return tensors, meta
 
 
 def build_averaging(args, batchnorm_batches=None) -> WeightAveraging | None:

@@ -73,7 +73,7 @@ def flat_state_file(path) -> str:
 def load_average(model, path) -> str:
     """Copy the averaged weights (SWA / EMA / WASAM) that the checkpoint `path` holds in
     hf_flat_state.safetensors (`averaging.<parameter name>`) into `model`; return a description."""
-    from .averaging import load_flat_state
+    from .state_file import load_flat_state
 
     file = flat_state_file(path)
     tensors, meta = load_flat_state(file)

@@ -40,9 +40,12 @@ from transformers.trainer_utils import (
 )
 from transformers.utils import logging
 
-from .args import FlatArgumentsMixin, FlatTrainingArguments, flat_arguments_class
-from .averaging import build_averaging, load_flat_state, save_flat_state
-from .methods import SAF, build_perturbation, build_trajectory
+from .args import (
+    FlatArgumentsMixin, FlatTrainingArguments, deepspeed_refusal, flat_arguments_class, fsdp1_refusal, sharded_scope_refusal,
+)
+from .averaging import build_averaging
+from .state_file import is_sharded_state, load_flat_state, save_flat_state, save_shard_file
+from .methods import MESA, SAF, build_perturbation, build_trajectory
 from .methods.saf import INDEX_KEY, IndexedCollator, IndexedDataset
 from .methods.trajectory import logits_of, returns_loss_first
 
@@ -116,7 +119,7 @@ class FlatTrainer(Trainer):
         self.args.check_flat_arguments()
         for callback in self._flat_callbacks:
             self.remove_callback(callback)
-        self.perturbation = build_perturbation(self.args)
+        self.perturbation = build_perturbation(self.args, sharded=self.is_fsdp_enabled)
         self.trajectory = build_trajectory(self.args)
         self.averaging = build_averaging(self.args, self._batchnorm_batches)
         self._flat_callbacks = [m for m in (self.trajectory, self.averaging) if isinstance(m, TrainerCallback)]
@@ -189,10 +192,11 @@ class FlatTrainer(Trainer):
         if self.trajectory is None or not self._training_micro_batch:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         teacher_inputs = dict(inputs)  # compute_loss may pop the labels
+        target = self.trajectory.before_forward(self, teacher_inputs)
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         # `inputs` is now what the model got: without its labels, a tuple output has no loss first
         logits = logits_of(outputs, self.model, returns_loss_first(inputs, self.label_names))
-        term = self.trajectory.term(self, logits, teacher_inputs)
+        term = self.trajectory.term(self, logits, teacher_inputs, target)
         if term is not None:
             self.trajectory.used = True
             accumulation = self.current_gradient_accumulation_steps
@@ -253,8 +257,7 @@ class FlatTrainer(Trainer):
 
     def _check_training_setup(self):
         """Refuse, before any step, what the chosen methods cannot do with this trainer's set-up."""
-        if self.perturbation is not None:
-            self._refuse_sharded_two_pass()
+        self._check_sharded_setup()
         streamed = isinstance(self.train_dataset, torch.utils.data.IterableDataset)
         if isinstance(self.trajectory, SAF) and streamed:
             raise ValueError(
@@ -274,24 +277,32 @@ class FlatTrainer(Trainer):
                 "example as many as one epoch has)."
             )
 
-    def _refuse_sharded_two_pass(self):
-        method = self.args.flat_method
-        distributed = self.accelerator.distributed_type
+    def _check_sharded_setup(self):
+        """Refuse what DeepSpeed, FSDP or Megatron-LM (however launched: arguments or an accelerate
+        config) cannot run with the chosen methods. SAF reads only the model's outputs: it runs anywhere."""
+        if self.perturbation is None and self.averaging is None and not isinstance(self.trajectory, MESA):
+            return
+        method, distributed = self.args.flat_method, self.accelerator.distributed_type
         if self.is_deepspeed_enabled or distributed == DistributedType.DEEPSPEED:
+            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+            raise ValueError(deepspeed_refusal(method, getattr(plugin, "zero_stage", None)))
+        if distributed == DistributedType.MEGATRON_LM:
             raise ValueError(
-                f"flat_method={method!r} cannot run under DeepSpeed: its backward() steps the optimizer, "
-                "so the first pass would already update the weights. Launch without a DeepSpeed config "
-                "(DDP via `accelerate launch` or `torchrun`, PEFT/LoRA for large models)."
+                f"flat_method={method!r} is not supported with Megatron-LM, whose tensor parallelism splits the "
+                "weights in its own layout. Use FSDP (fsdp_config={'version': 2}) or DDP."
             )
-        if (
-            self.is_fsdp_enabled
-            or distributed in (DistributedType.FSDP, DistributedType.MEGATRON_LM)
-            or getattr(self, "is_distributed_loading_by_transformers", False)  # (not in every transformers 5.x)
-        ):
-            raise ValueError(
-                f"flat_method={method!r} is not supported with sharded training (FSDP, Megatron-LM, or a "
-                "model sharded at load time): the perturbation needs its norm over all shards. "
-                "Launch with DDP (`accelerate launch` / `torchrun`), using PEFT/LoRA for large models."
+        if self.is_fsdp_enabled:
+            version = getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", None)
+            if version != 2:
+                raise ValueError(fsdp1_refusal(method, version))
+            refusal = self.perturbation and sharded_scope_refusal(method, self.args.sam_scope, self.args.sam_m)
+            if refusal:
+                raise ValueError(refusal)
+        elif self.perturbation is not None and getattr(self, "is_distributed_loading_by_transformers", False):
+            raise ValueError(  # (the attribute is not in every transformers 5.x)
+                f"flat_method={method!r} does not support a model sharded at load time (from_pretrained's "
+                "distributed loading), which the Trainer runs without Accelerate's FSDP: load the model whole and "
+                "pass fsdp='full_shard' with fsdp_config={'version': 2} to the training arguments."
             )
 
     # ---- averaged weights -------------------------------------------------------------------
@@ -346,14 +357,21 @@ class FlatTrainer(Trainer):
     # ---- checkpoints ---------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint, with `FLAT_STATE_NAME` written into the folder first: the
-        Trainer pushes the folder to the Hub (``hub_strategy="checkpoint"``) before it returns."""
+        Trainer pushes the folder to the Hub (``hub_strategy="checkpoint"``) before it returns.
+        Under FSDP2 each process also writes its rows of the average / teacher there
+        (`hf_flat.state_file`)."""
         parts = self._stateful_parts()
-        if parts and self.args.should_save:
+        if parts:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            save_flat_state(
-                os.path.join(folder, FLAT_STATE_NAME), [part.state_dict() for part in parts], self.args.flat_method
-            )
+            path, states = os.path.join(folder, FLAT_STATE_NAME), [part.state_dict() for part in parts]
+            shards = self.args.world_size if is_sharded_state(states) else None
+            if shards:  # FSDP2: every process writes its rows, then the main process the file that lists them
+                os.makedirs(folder, exist_ok=True)
+                save_shard_file(path, states, self.args.process_index, shards)
+                self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                os.makedirs(folder, exist_ok=True)
+                save_flat_state(path, states, self.args.flat_method, shards)
         super()._save_checkpoint(model, trial)
 
     def _stateful_parts(self):

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import TinyData, TinyNet, sgd_args  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
-import hf_flat.averaging  # noqa: E402
+import hf_flat.state_file  # noqa: E402
 import hf_flat.trainer  # noqa: E402
 from hf_flat import FlatTrainer  # noqa: E402
 
@@ -61,7 +61,7 @@ def kill_at_second_save(module, name, before):
 
 def main(output_dir, method, mode="random"):
     if mode == "in_state_write":  # the temporary file is complete, the rename never happens
-        kill_at_second_save(hf_flat.averaging.os, "replace", before=True)
+        kill_at_second_save(hf_flat.state_file.os, "replace", before=True)
     elif mode == "after_state":  # the flat state is in place, the Trainer's files are not
         kill_at_second_save(Trainer, "_save_checkpoint", before=True)
     trainer = FlatTrainer(model=TinyNet(), args=training_args(output_dir, method), train_dataset=TinyData(),

@@ -1,6 +1,7 @@
 """FlatTrainingArguments: parsing, defaults and every bad input."""
 
 import math
+import re
 
 import pytest
 from transformers import HfArgumentParser
@@ -94,14 +95,43 @@ def test_zero_eta_is_allowed():
     assert make(flat_method="asam", asam_eta=0.0).asam_eta == 0.0
 
 
-def test_deepspeed_is_refused_at_construction():
-    with pytest.raises(ValueError, match=r"flat_method='sam'.*DeepSpeed.*DDP"):
-        make(flat_method="sam", deepspeed={"train_micro_batch_size_per_gpu": 1})
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("method", ["sam", "avg_sam", "mesa", "swa", "wasam"])
+def test_deepspeed_is_refused_with_one_reason_per_zero_stage(method, stage):
+    with pytest.raises(ValueError) as error:
+        make(flat_method=method, deepspeed={"zero_optimization": {"stage": stage}})
+    message = str(error.value)
+    assert message.startswith(f"flat_method={method!r} cannot run under DeepSpeed (this configuration: stage {stage}).")
+    for s in range(4):  # one sentence per stage
+        assert message.count(f"ZeRO stage {s}:") == 1
+    assert "Use FSDP instead" in message and "fsdp_config={'version': 2}" in message
 
 
-def test_fsdp_is_refused_at_construction():
-    with pytest.raises(ValueError, match=r"flat_method='asam' is not supported with fsdp=.*DDP"):
-        make(flat_method="asam", fsdp="full_shard")
+def test_saf_runs_under_any_fsdp():
+    # SAF reads only the model's outputs (under DeepSpeed too, which this machine cannot construct)
+    make(flat_method="saf", fsdp="full_shard", fsdp_config={"version": 1})
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "avg_sam", "sam+ema"])
+@pytest.mark.parametrize("setting", [{"sam_scope": "micro"}, {"sam_m": 2}])
+def test_fsdp_refuses_a_perturbation_per_process_or_micro_batch(method, setting):
+    with pytest.raises(ValueError) as error:
+        make(flat_method=method, fsdp="full_shard", per_device_train_batch_size=4, **setting)
+    key, value = next(iter(setting.items()))
+    message = str(error.value)
+    assert message.startswith(f"{key}={value!r} is not allowed with flat_method={method!r} under FSDP")
+    assert "all of them must add the same perturbation" in message and "sam_scope='step' or leave it None" in message
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "avg_sam", "mesa", "swa", "ema", "wasam", "mesa+ema"])
+def test_every_method_but_fsdp1_is_accepted_under_fsdp(method):
+    args = make(flat_method=method, fsdp="full_shard", fsdp_config={"version": 2})
+    assert args.sam_scope is None  # chosen when the trainer sees the sharded model: "step"
+    if method in ("sam", "asam", "avg_sam"):
+        make(flat_method=method, fsdp="full_shard", sam_scope="step")
+    with pytest.raises(ValueError, match=re.escape(f"flat_method={method!r} works on FSDP2's sharded parameters, not on "
+                                                   "FSDP1's flattened ones (FSDP version 1): set fsdp_config={'version': 2}")):
+        make(flat_method=method, fsdp="full_shard", fsdp_config={"version": 1})
 
 
 @pytest.mark.parametrize("optim", ["lomo", "adalomo", "galore_adamw_layerwise"])
@@ -110,14 +140,27 @@ def test_optimizers_that_step_inside_backward_are_refused(optim):
         make(flat_method="sam", optim=optim)
 
 
-@pytest.mark.parametrize("flag, message", [("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "sharded")])
-def test_sharded_launch_is_refused_when_training_starts(tmp_path, flag, message):
+@pytest.mark.parametrize(
+    "flag, settings, message",
+    [
+        ("is_deepspeed_enabled", {}, r"flat_method='sam' cannot run under DeepSpeed\. ZeRO stage 0"),
+        ("is_fsdp_enabled", {}, r"FSDP1's flattened ones \(FSDP version None\)"),  # no FSDP2 plugin behind the flag
+        ("is_fsdp_enabled", {"sam_scope": "micro"}, r"sam_scope='micro' is not allowed .* under FSDP"),
+    ],
+)
+def test_sharded_launch_is_refused_when_training_starts(tmp_path, flag, settings, message):
     """`accelerate launch --config_file ...` can turn DeepSpeed / FSDP on without any argument:
     the trainer checks what its Accelerator actually runs before the first step."""
-    trainer = FlatTrainer(model=TinyNet(), args=make(flat_method="sam", output_dir=str(tmp_path)), train_dataset=TinyData())
+    args = make(flat_method="sam", output_dir=str(tmp_path), **settings)
+    trainer = FlatTrainer(model=TinyNet(), args=args, train_dataset=TinyData())
     setattr(trainer, flag, True)  # what accelerate's state says under such a launch config
-    with pytest.raises(ValueError, match=message):
-        trainer.train()
+    if settings:  # an FSDP2 plugin, so that only the scope is wrong
+        trainer.accelerator.state.fsdp_plugin = type("Plugin", (), {"fsdp_version": 2})()
+    try:
+        with pytest.raises(ValueError, match=message):
+            trainer.train()
+    finally:
+        trainer.accelerator.state.fsdp_plugin = None
     assert trainer.state.global_step == 0
 
 
@@ -144,7 +187,5 @@ def test_bad_saf_and_mesa_arguments(field, value, allowed):
         make(flat_method="saf", **{field: value})
 
 
-def test_mesa_is_refused_under_deepspeed_and_fsdp_but_saf_is_not_a_two_pass_method():
-    with pytest.raises(ValueError, match=r"flat_method='mesa' keeps a full float32 copy.*flat_method='saf'"):
-        make(flat_method="mesa", fsdp="full_shard")
+def test_saf_is_not_a_two_pass_method():
     make(flat_method="saf", optim="lomo")  # one pass: fine with optimizers that step inside backward

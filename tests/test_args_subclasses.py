@@ -151,8 +151,8 @@ def test_check_flat_arguments_catches_values_set_after_construction():
     with pytest.raises(ValueError, match=r"flat_method='gsam' is not supported"):
         args.check_flat_arguments()
     args = TrainingArguments("out", fsdp="full_shard", report_to="none", use_cpu=True)
-    args.flat_method = "asam"
-    with pytest.raises(ValueError, match=r"flat_method='asam' is not supported with fsdp="):
+    args.flat_method, args.sam_m = "asam", 2
+    with pytest.raises(ValueError, match=r"sam_m=2 is not allowed with flat_method='asam' under FSDP"):
         args.check_flat_arguments()
     args = TrainingArguments("out", optim="lomo", report_to="none", use_cpu=True)
     args.flat_method = "sam"

@@ -376,7 +376,7 @@ def test_flat_state_files_are_checked_on_load(tmp_path):
             super().__init__()
             self.fc2 = torch.nn.Linear(6, 5)
 
-    from hf_flat.averaging import load_flat_state
+    from hf_flat.state_file import load_flat_state
     from hf_flat.methods import MESA
 
     mesa = MESA()  # (the Trainer itself refuses such a model's weights first; the teacher checks its own)

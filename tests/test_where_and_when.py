@@ -284,7 +284,7 @@ def test_resuming_average_sam_from_a_sam_checkpoint_is_refused(tmp_path):
         (dict(sam_m=0), "sam_m=0 is not allowed: it must be None or an integer >= 1."),
         (dict(sam_m=2.0), "sam_m=2.0 is not allowed: it must be None or an integer >= 1."),
         (dict(sam_m=2, sam_scope="step"), "sam_m=2 is not allowed with sam_scope='step'"),
-        (dict(sam_scope="batch"), "sam_scope='batch' is not allowed: it must be 'micro' or 'step'."),
+        (dict(sam_scope="batch"), "sam_scope='batch' is not allowed: it must be None, 'micro' or 'step'."),
         (dict(sam_start=1.0), "sam_start=1.0 is not allowed: it must be a number in [0, 1)."),
         (dict(sam_start=-0.1), "sam_start=-0.1 is not allowed: it must be a number in [0, 1)."),
         (dict(sam_interval=0), "sam_interval=0 is not allowed: it must be an integer >= 1."),
@@ -373,7 +373,7 @@ def test_command_line_flags():
         ["--output_dir", "o", "--flat_method", "avg_sam+swa", "--sam_m", "2", "--sam_start", "0.8", "--sam_interval", "5",
          "--report_to", "none", "--per_device_train_batch_size", "4"])
     assert (args.flat_perturbation, args.flat_averaging) == ("avg_sam", "swa")
-    assert (args.sam_m, args.sam_scope, args.sam_start, args.sam_interval) == (2, "micro", 0.8, 5)
+    assert (args.sam_m, args.sam_scope, args.sam_start, args.sam_interval) == (2, None, 0.8, 5)  # None: "micro" unsharded
     (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", "o", "--flat_method", "sam", "--sam_scope", "step", "--report_to", "none"])
     assert (args.sam_m, args.sam_scope) == (None, "step")

@@ -12,17 +12,20 @@ __all__ = [
 ]
 
 #: name in `flat_method` -> factory taking the `FlatTrainingArguments`.
+#: name in `flat_method` -> factory taking the `FlatTrainingArguments` and `where_and_when`'s settings.
 PERTURBATIONS = {
-    "sam": lambda args: SAM(rho=args.sam_rho, **where_and_when(args)),
-    "asam": lambda args: ASAM(rho=args.sam_rho, eta=args.asam_eta, **where_and_when(args)),
-    "avg_sam": lambda args: AverageSAM(rho=args.sam_rho, seed=args.seed, process_index=args.process_index,
-                                       **where_and_when(args)),
+    "sam": lambda args, settings: SAM(rho=args.sam_rho, **settings),
+    "asam": lambda args, settings: ASAM(rho=args.sam_rho, eta=args.asam_eta, **settings),
+    "avg_sam": lambda args, settings: AverageSAM(rho=args.sam_rho, seed=args.seed, process_index=args.process_index,
+                                                 **settings),
 }
 
 
-def where_and_when(args) -> dict:
-    """The scope and the schedule of a perturbation method (`TwoPassMethod`'s arguments)."""
-    return dict(scope=args.sam_scope, m=args.sam_m, start=args.sam_start, interval=args.sam_interval)
+def where_and_when(args, sharded: bool = False) -> dict:
+    """The scope and the schedule of a perturbation method (`TwoPassMethod`'s arguments).
+    ``sam_scope=None`` is ``"micro"``, or ``"step"`` for a sharded (FSDP) model."""
+    scope = args.sam_scope or ("step" if sharded else "micro")
+    return dict(scope=scope, m=args.sam_m, start=args.sam_start, interval=args.sam_interval)
 
 
 #: methods that add a trajectory loss instead of a second pass (Du et al., NeurIPS 2022, arXiv 2205.14083).
@@ -32,10 +35,11 @@ TRAJECTORIES = {
 }
 
 
-def build_perturbation(args) -> TwoPassMethod | None:
-    """The two-pass method `args.flat_method` asks for, or `None`."""
+def build_perturbation(args, sharded: bool = False) -> TwoPassMethod | None:
+    """The two-pass method `args.flat_method` asks for (for a model sharded with FSDP if
+    `sharded`), or `None`."""
     factory = PERTURBATIONS.get(args.flat_perturbation)
-    return None if factory is None else factory(args)
+    return None if factory is None else factory(args, where_and_when(args, sharded))
 
 
 def build_trajectory(args) -> SAF | MESA | None:

@@ -20,7 +20,9 @@ the part of ``z`` for trainable parameter number ``i`` (in ``model.named_paramet
 ``(args.seed, stream, k, i)``. The stream is the process index under ``sam_scope="micro"`` (each
 process draws its own directions) and ``all`` under ``sam_scope="step"`` (one direction per step,
 the same on every process). (Every part has its own seed, so the parts do not depend on the order
-in which they are drawn.) The count ``k`` is saved with checkpoints, so a resumed run draws exactly the directions
+in which they are drawn.) Under FSDP2 every process draws each parameter's whole part (the same
+on every process) and keeps the rows it holds: ``z`` and its norm are those of the unsharded run,
+at the cost of one whole parameter's draw at a time. The count ``k`` is saved with checkpoints, so a resumed run draws exactly the directions
 the uninterrupted run would have drawn.
 """
 
@@ -28,6 +30,7 @@ import hashlib
 
 import torch
 
+from ..sharding import shard_of
 from .two_pass import TwoPassMethod
 
 #: Added to the norm, as in SAM, so that the division never meets zero.
@@ -63,10 +66,11 @@ class AverageSAM(TwoPassMethod):
 
         z, norms = [], []
         for i, p in enumerate(params):  # drawn in float32, kept in the parameter's dtype: z takes one copy of w
+            rows = self.rows[i] if self.rows is not None else None
             generator = torch.Generator(device=p.device).manual_seed(direction_seed(self.seed, stream, index, i))
-            zi = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
+            zi = torch.randn(rows.shape if rows else p.shape, generator=generator, device=p.device, dtype=torch.float32)
             norms.append(torch.linalg.vector_norm(zi).to(params[0].device))
-            z.append(zi.to(p.dtype))
+            z.append(shard_of(zi, rows).to(p.dtype) if rows else zi.to(p.dtype))
         torch._foreach_mul_(z, self.rho / (torch.linalg.vector_norm(torch.stack(norms)) + EPS))
         return z
 

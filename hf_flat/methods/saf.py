@@ -91,8 +91,9 @@ class SAF(TrajectoryMethod):
     def nbytes(self) -> int:
         return 0 if self.logits is None else self.logits.nbytes + self.epochs.nbytes
 
-    def term(self, trainer, logits, inputs):
-        """The trajectory term for this training micro-batch of `trainer` (a `FlatTrainer`)."""
+    def term(self, trainer, logits, inputs, target=None):
+        """The trajectory term for this training micro-batch of `trainer` (a `FlatTrainer`); the
+        targets come from the memory (`target` is unused)."""
         if not self.active:
             return None
         indices = trainer._sample_indices

@@ -13,7 +13,8 @@ SamsungLabs code):
     e = rho * T^2 g / ||T g||_2,   T = |w| + eta for parameters whose name contains "weight",
                                    T = 1 for the others (biases, ...)
 
-The norms run over all perturbed parameters together. Both functions compute ``e`` in place in
+The norms run over all perturbed parameters together (under FSDP2 over all processes' rows,
+`TwoPassMethod.norm`; ``T`` is elementwise, so each process computes it for its own rows). Both functions compute ``e`` in place in
 the gradient tensors (no extra memory) and return `None` when the norm is not finite, so a
 GradScaler overflow never turns into NaN weights. Because ``e`` is scale-invariant in ``g``,
 gradients still multiplied by an fp16 loss scale give the same ``e``.
@@ -29,9 +30,9 @@ from .two_pass import TwoPassMethod, global_norm
 EPS = 1e-12
 
 
-def sam_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor] | None:
-    """e = rho * g / ||g||, in place in `grads`."""
-    norm = global_norm(grads)
+def sam_perturbation(grads: list[torch.Tensor], rho: float, norm_of=global_norm) -> list[torch.Tensor] | None:
+    """e = rho * g / ||g||, in place in `grads` (`norm_of`: the norm of tensors taken together)."""
+    norm = norm_of(grads)
     if not math.isfinite(norm):
         return None
     if grads:  # torch's foreach ops refuse empty lists
@@ -40,7 +41,7 @@ def sam_perturbation(grads: list[torch.Tensor], rho: float) -> list[torch.Tensor
 
 
 def asam_perturbation(
-    names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, eta: float
+    names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, eta: float, norm_of=global_norm
 ) -> list[torch.Tensor] | None:
     """e = rho * T^2 g / ||T g|| with T = |w| + eta on parameters named '*weight*', in place in `grads`."""
     weights = [p.detach() for name, p in zip(names, params) if "weight" in name]
@@ -50,7 +51,7 @@ def asam_perturbation(
     if t is not None:
         torch._foreach_add_(t, eta)
         torch._foreach_mul_(weight_grads, t)  # g <- T g
-    norm = global_norm(grads)  # ||T g||
+    norm = norm_of(grads)  # ||T g||
     if not math.isfinite(norm):
         return None
     if t is not None:
@@ -70,7 +71,7 @@ class SAM(TwoPassMethod):
         self.rho = rho
 
     def perturbation(self, names, params, grads):
-        return sam_perturbation(grads, self.rho)
+        return sam_perturbation(grads, self.rho, self.norm)
 
 
 class ASAM(TwoPassMethod):
@@ -82,4 +83,4 @@ class ASAM(TwoPassMethod):
         self.eta = eta
 
     def perturbation(self, names, params, grads):
-        return asam_perturbation(names, params, grads, self.rho, self.eta)
+        return asam_perturbation(names, params, grads, self.rho, self.eta, self.norm)

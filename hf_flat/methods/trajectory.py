@@ -191,6 +191,11 @@ class TrajectoryMethod(TrainerCallback):
     def release(self):
         """Drop the method's state (memory, teacher)."""
 
+    def before_forward(self, trainer, inputs):
+        """Called with each training micro-batch before the model's forward pass; what it returns is
+        handed to `term` as its `target` (MESA: the teacher's logits)."""
+        return None
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.active and not self.used:
             logger.warning(

@@ -40,6 +40,15 @@ perturbation per m samples) with n-SAM (one per large batch); Foret et al. (ICLR
   micro-batches' inputs are kept until then. ``e`` is computed once (the same on every process)
   and pass 2 runs over the whole window at ``w + e``, synchronised on its last micro-batch.
 
+**Sharded training (FSDP2).** All processes share each parameter, each holding some of its rows,
+so they must all add the same global ``e``: a perturbation of one process's own gradient does not
+exist. The scope is therefore ``"step"`` (``sam_scope=None`` chooses it; ``"micro"`` and ``sam_m``
+are refused). Each process computes ``e`` for its rows of the reduce-scattered step gradient;
+every norm in it is the square root of the all-reduced sum of the processes' squared norms
+(`TwoPassMethod.norm`), and everything else (ASAM's ``|w| + eta``, the copy that restores ``w``)
+works row by row. So every process perturbs its rows exactly as one process holding the whole
+model would.
+
 **When: the schedule** (``sam_start``, ``sam_interval``). With ``T`` optimizer steps and
 ``s = max(1, ceil(sam_start * T))``, optimizer step ``t`` (1-based) is perturbed iff ``t >= s`` and
 ``(t - s) % sam_interval == 0`` (composer's SAM ``interval``; Zhou et al., "Sharpness-Aware
@@ -62,6 +71,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..sharding import local, reshard, rows_of, shard_group, sum_over_shards
 
 #: Values of `sam_scope`.
 SCOPES = ("micro", "step")
@@ -174,6 +185,8 @@ class TwoPassMethod(ABC):
 
     def __init__(self, scope: str = "micro", m: int | None = None, start: float = 0.0, interval: int = 1):
         self.scope, self.m, self.start, self.interval = scope, m, start, interval
+        self.rows = None  # where the tensors handed to `perturbation` lie in the whole parameters
+        self.group = None  # the process group over which they are sharded (None: not sharded)
         self._window = []  # scope "step": (inputs, num_items_in_batch) of the step's micro-batches so far
         self._window_loss = None  # scope "step": the sum of their pass-1 losses
         self._window_step = None  # scope "step": the optimizer step (global_step) the window belongs to
@@ -186,7 +199,22 @@ class TwoPassMethod(ABC):
         """Return ``e`` for each of `params` (for gradient-based methods computed in place in `grads`).
 
         Return `None` (with `grads` left non-finite) if the gradient is not finite.
+
+        Under sharded training `params` and `grads` are this process's rows of each parameter,
+        which lie at `self.rows` in the whole ones; norms over all parameters come from `norm`.
         """
+
+    def norm(self, tensors: list[torch.Tensor]) -> float:
+        """The 2-norm of `tensors` taken together, over all processes' rows when sharded: the square
+        root of the all-reduced sum of every process's squared norm."""
+        own = global_norm(tensors)
+        return own if self.group is None else math.sqrt(sum_over_shards(own * own, self.group))
+
+    def _own_rows(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The rows of `params` this process holds (views: writes reach the parameters), with
+        `rows` and `group` set for `perturbation` and `norm`. Unsharded: `params` themselves."""
+        self.rows, self.group = [rows_of(p) for p in params], shard_group(params)
+        return [local(p) for p in params]
 
     def add_perturbation(self, params: list[torch.Tensor], e: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
         """``w <- w + e`` in place; returns the copy of ``w`` that restores it exactly (None: nothing added)."""
@@ -278,17 +306,19 @@ class TwoPassMethod(ABC):
 
         window, window_loss = self._window, self._window_loss
         self._window, self._window_loss = [], None
+        reshard(model)  # (FSDP2: every module reads its rows again, and so will see w + e)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if self.uses_gradient:
             active = [(name, p) for name, p in named if p.grad is not None]
-            params = [p for _, p in active]
-            e = self.perturbation([n for n, _ in active], params, [p.grad for p in params])
+            sharded = [p for _, p in active]
+            params = self._own_rows(sharded)
+            e = self.perturbation([n for n, _ in active], params, [local(p.grad) for p in sharded])
             if e is None:  # the step's gradient is not finite on every process: the GradScaler skips the step
                 return PassLosses(loss, window_loss, torch.zeros_like(window_loss))
-            for p in params:
+            for p in sharded:
                 p.grad = None  # g (now e) leaves the gradients; pass 2 accumulates afresh
         else:
-            params = [p for _, p in named]
+            params = self._own_rows([p for _, p in named])
             e = self.perturbation([n for n, _ in named], params, None)
         saved = self.add_perturbation(params, e)
         del e  # frees g's memory before pass 2 allocates new gradients
