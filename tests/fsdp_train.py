@@ -12,7 +12,11 @@ harness's own keys:
 - ``resume=STEP``: after training, train again in the same folder, resuming from checkpoint-STEP;
 - ``resume_only=1`` (with ``resume``): do not train first; the checkpoint is already in the run's
   folder (`run_folder`), e.g. copied there from a run with another number of processes;
-- ``eval=1``: evaluate every 2 steps (the averaged weights are swapped in and out).
+- ``eval=1``: evaluate every 2 steps (the averaged weights are swapped in and out);
+- ``from_config=1``: no FSDP arguments; FSDP comes from the environment that ``accelerate launch
+  --config_file examples/accelerate/fsdp.yaml`` sets up (the README's command);
+- ``model=bert|gpt2|t5``: a tiny Hugging Face encoder classifier, decoder LM or seq2seq model
+  (built from a config, dropout off) on random tokens, instead of TinyNet; FSDP wraps its layers.
 
 **How FSDP runs on CPU here (test-only).** The Trainer turns FSDP on through accelerate, and
 accelerate enables it only on accelerators: with ``use_cpu=True`` its `AcceleratorState` says
@@ -63,6 +67,51 @@ def whole(model) -> dict[str, torch.Tensor]:
     return state
 
 
+def untied(model):
+    """T5 with its own embedding per stack: FSDP2 (torch 2.13) refuses T5's one embedding shared by
+    `shared`, the encoder and the decoder at its first forward pass, with or without hf-flat."""
+    model.encoder.embed_tokens = copy.deepcopy(model.shared)
+    model.decoder.embed_tokens = copy.deepcopy(model.shared)
+    return model
+
+
+#: model=... -> (its layer class for FSDP's wrap policy, how to build it, how to make a sample from a generator)
+def hf_models():
+    from transformers import (
+        BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration,
+    )
+
+    def tokens(g, n=6):
+        return torch.randint(3, 40, (n,), generator=g)
+
+    return {
+        "bert": ("BertLayer", lambda: BertForSequenceClassification(BertConfig(
+            vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+            max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+            lambda g: {"input_ids": tokens(g), "labels": torch.randint(0, 3, (), generator=g)}),
+        "gpt2": ("GPT2Block", lambda: GPT2LMHeadModel(GPT2Config(
+            vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0)),
+            lambda g: (lambda ids: {"input_ids": ids, "labels": ids.clone()})(tokens(g))),
+        "t5": ("T5Block", lambda: untied(T5ForConditionalGeneration(T5Config(
+            vocab_size=40, d_model=16, d_ff=24, d_kv=8, num_layers=1, num_heads=2, dropout_rate=0.0,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False))),
+            lambda g: {"input_ids": tokens(g), "labels": tokens(g, 4)}),
+    }
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, sample, n=32, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        self.samples = [sample(g) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
 def run_folder(run: str) -> str:
     """The name of a run's output folder (and of its result files)."""
     return run.replace(":", "_").replace("=", "-").replace(",", "_")
@@ -72,6 +121,7 @@ def main(out_dir, runs):
     from transformers import TrainerCallback
 
     from hf_flat import FlatTrainer
+    from hf_flat.methods.mesa import ShardedTeacher
 
     enable_fsdp_on_cpu()
     rank = int(os.environ["RANK"])
@@ -79,7 +129,7 @@ def main(out_dir, runs):
     class Recorder(TrainerCallback):
         def __init__(self):
             self.weights, self.scales, self.scaler, self.trainer = {}, {}, None, None
-            self.average_bytes = self.restored_average = None
+            self.average_bytes = self.restored_average = self.teacher_bytes = None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             averaging = self.trainer.averaging
@@ -93,6 +143,10 @@ def main(out_dir, runs):
             averaging = self.trainer.averaging
             if averaging is not None and averaging.average:
                 self.average_bytes = sum(a.nbytes for a in averaging.average.values())
+            teacher = getattr(self.trainer.trajectory, "teacher", None)
+            if teacher is not None:
+                tensors = teacher.params.values() if isinstance(teacher, ShardedTeacher) else teacher.parameters()
+                self.teacher_bytes = sum(t.nbytes for t in tensors)
 
     def train(run, settings, resume_step=None):
         method, grad_accum, clip, _ = parse_run(run)
@@ -100,7 +154,11 @@ def main(out_dir, runs):
         overflow = settings.pop("overflow", None)
         ddp = settings.pop("ddp", 0)
         evaluate = settings.pop("eval", 0)
-        initial = TinyNet()
+        from_config = settings.pop("from_config", 0)
+        model_name = settings.pop("model", None)
+        layer, build, sample = hf_models()[model_name] if model_name else (None, None, None)
+        torch.manual_seed(0)
+        initial = build() if model_name else TinyNet()
         model = copy.deepcopy(initial)
         if overflow is not None:
             overflow_rank, overflow_call = map(int, overflow.split("@"))
@@ -119,9 +177,10 @@ def main(out_dir, runs):
         if ddp:  # an FSDP run before leaves ACCELERATE_USE_FSDP and FSDP_* set, which would turn FSDP on again
             for key in [k for k in os.environ if k == "ACCELERATE_USE_FSDP" or k.startswith("FSDP_")]:
                 del os.environ[key]
-        sharding = {} if ddp else dict(
+        sharding = {} if ddp or from_config else dict(
             fsdp="full_shard",
-            fsdp_config={"version": 2, "state_dict_type": "SHARDED_STATE_DICT", "reshard_after_forward": True},
+            fsdp_config={"version": 2, "state_dict_type": "SHARDED_STATE_DICT", "reshard_after_forward": True,
+                         **({"transformer_layer_cls_to_wrap": [layer]} if layer else {})},
         )
         trainer = FlatTrainer(
             model=model,
@@ -130,8 +189,8 @@ def main(out_dir, runs):
                 flat_method=method, sam_rho=0.5, gradient_accumulation_steps=grad_accum, max_grad_norm=clip,
                 ddp_backend="gloo", **sharding, **{**extra, **settings},
             ),
-            train_dataset=TinyData(n=32),
-            eval_dataset=TinyData(n=8, seed=5) if evaluate else None,
+            train_dataset=TokenData(sample) if model_name else TinyData(n=32),
+            eval_dataset=(TokenData(sample, n=8, seed=5) if model_name else TinyData(n=8, seed=5)) if evaluate else None,
             data_collator=collator,
             callbacks=[recorder],
         )
@@ -166,6 +225,7 @@ def main(out_dir, runs):
             "forward_calls": getattr(trainer.model, "calls", None),
             "overflows": getattr(trainer.model, "overflows", None),
             "average_bytes": recorder.average_bytes,
+            "teacher_bytes": recorder.teacher_bytes,
             "whole_float32_bytes": sum(p.numel() * 4 for p in trainable),
             "restored_average": recorder.restored_average,
             "files": sorted(os.listdir(os.path.join(trainer.args.output_dir, "checkpoint-2")))

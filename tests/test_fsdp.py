@@ -32,16 +32,30 @@ SAF, SAF_DDP = "saf:1:0.0", "saf:1:0.0:ddp=1"
 # fp16 overflow on process 1 at its training forward call 5: n-SAM with accumulation 2 makes 4
 # calls per optimizer step (the two passes 1, then the two passes 2), so call 5 opens step 2
 OVERFLOW = "sam:2:0.05:overflow=1@5"
-RUNS = [SAM, ASAM, AVG_SAM, SWA, SWA_DDP, EMA, EMA_DDP, WASAM, MESA, MESA_DDP, SAF, SAF_DDP, OVERFLOW]
+# Hugging Face heads (encoder classifier, decoder LM, seq2seq), each beside the same run under DDP
+BERT_SAM, BERT_DDP = "sam:1:0.0:model=bert", "sam:1:0.0:model=bert,ddp=1,sam_scope=step"
+GPT2_MESA, GPT2_DDP = "mesa:2:0.0:model=gpt2", "mesa:2:0.0:model=gpt2,ddp=1"
+T5_SWA, T5_DDP = "swa:1:0.0:model=t5,eval=1", "swa:1:0.0:model=t5,eval=1,ddp=1"
+HF_PAIRS = [(BERT_SAM, BERT_DDP), (GPT2_MESA, GPT2_DDP), (T5_SWA, T5_DDP)]
+RUNS = [SAM, ASAM, AVG_SAM, SWA, SWA_DDP, EMA, EMA_DDP, WASAM, MESA, MESA_DDP, SAF, SAF_DDP, OVERFLOW,
+        *(run for pair in HF_PAIRS for run in pair)]
 # 3 processes resume SWA's 2-process checkpoint-4 (copied into this run's folder)
 SWA_3 = "swa:1:0.0:eval=1,resume=4,resume_only=1"
+# FSDP from the README's accelerate config file, with no FSDP argument
+FROM_CONFIG = "sam:1:0.0:model=bert,from_config=1"
+ACCELERATE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate", "fsdp.yaml")
 
 
-def launch(out, runs, processes=2):
+def launch(out, runs, processes=2, accelerate_config=None):
     script = os.path.join(os.path.dirname(__file__), "fsdp_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), script,
-           str(out), *runs]
+    if accelerate_config:  # the README's command, on this machine's CPUs
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+                    "--num_processes", str(processes), "--mixed_precision", "no",
+                    "--fsdp_transformer_layer_cls_to_wrap", "BertLayer", "--main_process_port", "0"]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    cmd = [*launcher, script, str(out), *runs]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=420)  # about 40 s when all goes well
@@ -62,6 +76,7 @@ def fsdp_results(tmp_path_factory):
     os.makedirs(out / run_folder(SWA_3))
     shutil.copytree(out / run_folder(SWA) / "checkpoint-4", out / run_folder(SWA_3) / "checkpoint-4")
     results.update(launch(out, [SWA_3], processes=3))
+    results.update(launch(out, [FROM_CONFIG], accelerate_config=ACCELERATE_CONFIG))
     results["out"] = out
     return results
 
@@ -253,3 +268,32 @@ def test_three_processes_resume_a_two_process_checkpoint(fsdp_results):
             chunk = math.ceil(n / 3)
             torch.testing.assert_close(rows, snapshot[name][index * chunk : (index + 1) * chunk], atol=0, rtol=0)
         assert r["global_step"] > 4  # and training went on to the end
+
+
+@pytest.mark.parametrize("run, ddp", HF_PAIRS + [(FROM_CONFIG, BERT_DDP)])
+def test_hugging_face_heads_under_fsdp_equal_the_same_run_under_ddp(fsdp_results, run, ddp):
+    """BERT with SAM (n-SAM under DDP for the comparison), GPT-2 with MESA's per-token term, T5 with
+    SWA and evaluation; and BERT under FSDP set up by examples/accelerate/fsdp.yaml alone."""
+    ranks, ddp_ranks = runs_of(fsdp_results, run), runs_of(fsdp_results, ddp)
+    assert ranks[0]["global_step"] == ddp_ranks[0]["global_step"] > 0
+    for r, d in zip(ranks, ddp_ranks):
+        assert r["final"].keys() == d["final"].keys()
+        for k, v in r["final"].items():
+            torch.testing.assert_close(v, d["final"][k], atol=2e-5, rtol=0, msg=k)
+        assert r["loss"] == pytest.approx(d["loss"], abs=1e-5)
+        assert r["eval_avg_loss"] == pytest.approx(d["eval_avg_loss"], abs=1e-5)
+    assert all(r["perturbed_loss"] for r in ranks) == run.startswith("sam")
+
+
+def test_memory_of_the_average_and_the_teacher_per_rank(fsdp_results):
+    """The figures the README reports: each rank's average (T5 with SWA) and teacher (GPT-2 with
+    MESA), against one whole float32 copy of the trainable weights, under FSDP and DDP."""
+    lines = []
+    for run, ddp, key in [(T5_SWA, T5_DDP, "average_bytes"), (GPT2_MESA, GPT2_DDP, "teacher_bytes")]:
+        ranks, ddp_ranks = runs_of(fsdp_results, run), runs_of(fsdp_results, ddp)
+        whole = ranks[0]["whole_float32_bytes"]
+        shares = [r[key] / whole for r in ranks]
+        assert [r[key] for r in ddp_ranks] == [whole, whole]  # DDP: a whole copy on every rank
+        assert sum(r[key] for r in ranks) == whole and all(0.45 < s < 0.55 for s in shares), shares
+        lines.append(f"{run}: {key} per rank {[r[key] for r in ranks]} of {whole} ({', '.join(f'{s:.3f}' for s in shares)})")
+    print("\n".join(lines))
