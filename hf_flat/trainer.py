@@ -3,7 +3,9 @@
 The trainer stays thin: it builds the methods that `args.flat_method` names and delegates to
 them: two-pass steps (`hf_flat.methods.sam`), trajectory losses (`hf_flat.methods.saf` /
 `mesa`) and weight averaging (`hf_flat.averaging`, a callback). Everything else (gradient
-accumulation, clipping, mixed precision, DDP, checkpoints, evaluation) is the Trainer's own code.
+accumulation, clipping, mixed precision, DDP, FSDP, checkpoints, evaluation) is the Trainer's own
+code. Under FSDP2 the methods work on each process's rows of the sharded parameters
+(`hf_flat.sharding`) and checkpoints hold the flat state in shard files (`hf_flat.state_file`).
 
 Private `Trainer` members it still relies on, because no public hook does the same job, and the
 tests that fail if their behaviour changes:
