@@ -164,6 +164,22 @@ def test_sharded_launch_is_refused_when_training_starts(tmp_path, flag, settings
     assert trainer.state.global_step == 0
 
 
+def test_megatron_and_models_sharded_at_load_time_are_refused_when_training_starts(tmp_path, monkeypatch):
+    from accelerate.utils import DistributedType
+
+    trainer = FlatTrainer(model=TinyNet(), args=make(flat_method="swa", output_dir=str(tmp_path)), train_dataset=TinyData())
+    monkeypatch.setattr(trainer.accelerator.state, "distributed_type", DistributedType.MEGATRON_LM)
+    with pytest.raises(ValueError, match=r"flat_method='swa' is not supported with Megatron-LM.*Use FSDP"):
+        trainer.train()
+    monkeypatch.undo()
+    trainer = FlatTrainer(model=TinyNet(), args=make(flat_method="asam", output_dir=str(tmp_path)), train_dataset=TinyData())
+    trainer.is_distributed_loading_by_transformers = True  # from_pretrained(..., distributed loading) did the sharding
+    with pytest.raises(ValueError, match=r"flat_method='asam' does not support a model sharded at load time.*"
+                                         r"pass fsdp='full_shard' with fsdp_config=\{'version': 2\}"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_non_flat_args_are_refused():
     with pytest.raises(TypeError, match="FlatTrainingArguments"):
         FlatTrainer(model=TinyNet(), args={"flat_method": "sam"})
