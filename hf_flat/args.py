@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 #: Perturbation methods implemented so far (`hf_flat.methods.PERTURBATIONS` builds them).
-PERTURBATION_METHODS = ("sam", "asam", "avg_sam", "saf", "mesa")
+PERTURBATION_METHODS = ("sam", "asam", "avg_sam", "gsam", "looksam", "esam", "saf", "mesa")
 #: The methods that move the weights to ``w + e`` for a forward/backward pass (`hf_flat.methods.two_pass`):
 #: two passes for SAM and ASAM, one for average SAM, whose ``e`` needs no gradient.
-TWO_PASS_METHODS = ("sam", "asam", "avg_sam")
+TWO_PASS_METHODS = ("sam", "asam", "avg_sam", "gsam", "looksam", "esam")
 #: Where and when those methods perturb, with their defaults (the arguments only they read).
 PERTURBATION_SETTINGS = {"sam_m": None, "sam_scope": None, "sam_start": 0.0, "sam_interval": 1}
 #: Averaging methods implemented so far.
@@ -81,6 +81,13 @@ def fsdp1_refusal(flat_method: str, version) -> str:
 
 def sharded_scope_refusal(flat_method: str, scope: str | None, m: int | None) -> str | None:
     """Why `scope` / `m` cannot run under FSDP (None: they can)."""
+    if parse_flat_method(flat_method)[0] == "esam":
+        return (
+            f"flat_method={flat_method!r} cannot run under FSDP: ESAM perturbs each micro-batch and process on its own "
+            "(its data selection ranks one micro-batch's samples), and under FSDP every process must add the same "
+            "perturbation to its part of each parameter. Use ESAM with DDP, or under FSDP flat_method='sam', 'gsam' "
+            "or 'looksam' (one perturbation per optimizer step)."
+        )
     if scope != "micro" and m is None:
         return None
     setting = f"sam_scope={scope!r}" if scope == "micro" else f"sam_m={m!r}"
@@ -160,7 +167,7 @@ class FlatArgumentsMixin:
         default="none",
         metadata={
             "help": "Flat-minima method: 'none' (the plain Trainer), a perturbation method ('sam', 'asam', "
-            "'avg_sam', 'saf', 'mesa'), "
+            "'avg_sam', 'gsam', 'looksam', 'esam', 'saf', 'mesa'), "
             "an averaging method ('swa', 'ema'), or '<perturbation>+<averaging>' ('wasam' = 'sam+swa'). "
             "Accepted: " + ", ".join(accepted_flat_methods()) + "."
         },
@@ -205,6 +212,36 @@ class FlatArgumentsMixin:
         metadata={
             "help": "SAM / ASAM / average SAM: perturb every sam_interval-th optimizer step from the first "
             "perturbed one (>= 1); the steps between are plain steps."
+        },
+    )
+
+    gsam_alpha: float = field(
+        default=0.4,
+        metadata={"help": "GSAM: alpha (>= 0), the weight of -g_perp in the descent direction g_p - alpha * g_perp."},
+    )
+    gsam_rho_min: float | None = field(
+        default=None,
+        metadata={
+            "help": "GSAM: rho follows the learning rate from sam_rho (at its largest) down to gsam_rho_min (at its "
+            "smallest), in [0, sam_rho]. None: constant rho = sam_rho."
+        },
+    )
+    looksam_k: int = field(
+        default=5,
+        metadata={"help": "LookSAM: a SAM step on the first of every looksam_k optimizer steps (>= 1), one pass between."},
+    )
+    looksam_alpha: float = field(
+        default=0.7,
+        metadata={"help": "LookSAM: alpha (>= 0), the weight of the reused component g_v on the one-pass steps."},
+    )
+    esam_beta: float = field(
+        default=0.6,
+        metadata={"help": "ESAM: each trainable tensor is perturbed with probability esam_beta, in (0, 1] (SWP)."},
+    )
+    esam_gamma: float = field(
+        default=0.5,
+        metadata={
+            "help": "ESAM: pass 2 uses the esam_gamma fraction of each micro-batch whose loss rose most, in (0, 1] (SDS)."
         },
     )
 
@@ -284,6 +321,7 @@ class FlatArgumentsMixin:
         _check(self, "mesa_decay", lambda v: _is_number(v) and 0 < v < 1, "in (0, 1)")
         _check(self, "average_bn_batches", lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1")
         self._check_where_and_when()
+        self._check_gsam_looksam_esam()
         if self.flat_perturbation in TWO_PASS_METHODS:
             self._refuse_unsupported_two_pass_setups()
         if self.deepspeed and (self.flat_perturbation in (*TWO_PASS_METHODS, "mesa") or self.flat_averaging):
@@ -297,6 +335,34 @@ class FlatArgumentsMixin:
                 "the best checkpoint, use save_strategy='best' with metric_for_best_model='eval_avg_loss' "
                 "(or another eval_avg_ metric), and set load_best_model_at_end=False."
             )
+
+    def _check_gsam_looksam_esam(self):
+        _check(self, "gsam_alpha", lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
+        _check(self, "gsam_rho_min", lambda v: v is None or (_is_number(v) and 0 <= v <= self.sam_rho),
+               f"None or a number in [0, sam_rho={self.sam_rho!r}]")
+        _check(self, "looksam_k", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        _check(self, "looksam_alpha", lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
+        _check(self, "esam_beta", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+        _check(self, "esam_gamma", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+        method = self.flat_perturbation
+        if method == "looksam":
+            for name, value, why in [
+                ("sam_scope", self.sam_scope if self.sam_scope == "micro" else None, "its SAM steps take the whole "
+                 "step's gradient, so that g_v is the same on every process: leave sam_scope None or 'step'"),
+                ("sam_m", self.sam_m, "its SAM steps take the whole step's gradient: leave sam_m None"),
+                ("sam_interval", self.sam_interval if self.sam_interval != 1 else None,
+                 "its SAM steps come every looksam_k steps: set looksam_k instead"),
+            ]:
+                if value is not None:
+                    raise ValueError(f"{name}={value!r} is not allowed with flat_method={self.flat_method!r}: {why}.")
+        if method == "esam":
+            for name, value in [("sam_scope", self.sam_scope if self.sam_scope == "step" else None), ("sam_m", self.sam_m)]:
+                if value is not None:
+                    raise ValueError(
+                        f"{name}={value!r} is not allowed with flat_method={self.flat_method!r}: ESAM perturbs each "
+                        "micro-batch on its own (its data selection ranks one micro-batch's samples). Leave sam_scope "
+                        "None or 'micro' and sam_m None, or use flat_method='sam' for n-SAM or m-SAM."
+                    )
 
     def _check_where_and_when(self):
         """`sam_m`, `sam_scope`, `sam_start`, `sam_interval`: their values, and a warning when they are

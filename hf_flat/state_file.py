@@ -31,7 +31,8 @@ STATE_VERSION, SHARDED_STATE_VERSION = "1", "2"
 
 #: The layout versions of each part of the flat state file that this hf-flat reads.
 READABLE_VERSIONS = {"hf_flat_state_version": (STATE_VERSION, SHARDED_STATE_VERSION), "averaging_version": ("1",),
-                     "saf_version": ("1",), "mesa_version": ("1",), "avg_sam_version": ("1",)}
+                     "saf_version": ("1",), "mesa_version": ("1",), "avg_sam_version": ("1",),
+                     "looksam_version": ("1",), "esam_version": ("1",)}
 
 
 def shard_file_name(main_name: str, index: int, count: int) -> str:

@@ -104,6 +104,7 @@ class FlatTrainer(Trainer):
         self._sample_indices = None  # SAF: the current micro-batch's indices in train_dataset
         self._training_micro_batch = False
         self._loss_share, self._loss_share_applied = 1, False  # sam_m: the current chunk's share of its micro-batch
+        self._keep_outputs, self._kept_outputs = False, None  # forward_backward_with_outputs
         self._evaluating = False  # inside evaluate(): evaluation loops also evaluate the average
         self._averaged_eval_seconds = {}  # metric prefix -> seconds its averaged evaluation took
         self._set_up_flat_methods()
@@ -186,6 +187,10 @@ class FlatTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`Trainer.compute_loss`, plus SAF's or MESA's trajectory loss on training micro-batches, or
         times a ``sam_m`` chunk's share of its micro-batch (see `forward_backward`)."""
+        if self._keep_outputs:  # (forward_backward_with_outputs)
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            self._kept_outputs = outputs
+            return (loss, outputs) if return_outputs else loss
         if self._loss_share != 1:
             self._loss_share_applied = True
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
@@ -256,6 +261,26 @@ class FlatTrainer(Trainer):
                 "override did not call: call super().compute_loss(...) from it, or set sam_m=None."
             )
         return loss
+
+    def forward_backward_with_outputs(self, model, inputs, num_items_in_batch=None):
+        """`forward_backward`, also returning the model's outputs of that pass (ESAM reads each
+        sample's loss from them)."""
+        self._keep_outputs, self._kept_outputs = True, None
+        try:
+            loss = self.forward_backward(model, inputs, num_items_in_batch)
+        finally:
+            self._keep_outputs = False
+        outputs, self._kept_outputs = self._kept_outputs, None
+        return loss, outputs
+
+    def loss_and_outputs(self, model, inputs, num_items_in_batch=None):
+        """A training forward pass without backward (call it under `torch.no_grad`): the loss,
+        scaled as the Trainer scales the loss it logs, and the model's outputs."""
+        with self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, dict(inputs), True, num_items_in_batch)
+        if not self._loss_is_scaled_for_ga(num_items_in_batch):
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss.detach(), outputs
 
     def _check_training_setup(self):
         """Refuse, before any step, what the chosen methods cannot do with this trainer's set-up."""
@@ -511,4 +536,4 @@ def part_kinds(part) -> set[str]:
 def state_kinds(meta: dict) -> set[str]:
     """What state a checkpoint's flat state file holds, from its metadata."""
     kinds = {meta["averaging"]} if "averaging" in meta else set()
-    return kinds | {name for name in ("saf", "mesa", "avg_sam") if f"{name}_version" in meta}
+    return kinds | {name for name in ("saf", "mesa", "avg_sam", "looksam", "esam") if f"{name}_version" in meta}

@@ -1,13 +1,16 @@
 """Flat-minima methods, one module each. `build_perturbation` maps `flat_method` to an object."""
 
 from .avg_sam import AverageSAM
+from .esam import ESAM
+from .gsam import GSAM
+from .looksam import LookSAM
 from .mesa import MESA
 from .saf import SAF
 from .sam import ASAM, SAM, asam_perturbation, sam_perturbation
 from .two_pass import TwoPassMethod
 
 __all__ = [
-    "SAM", "ASAM", "AverageSAM", "SAF", "MESA", "TwoPassMethod", "sam_perturbation", "asam_perturbation",
+    "SAM", "ASAM", "AverageSAM", "GSAM", "LookSAM", "ESAM", "SAF", "MESA", "TwoPassMethod", "sam_perturbation", "asam_perturbation",
     "build_perturbation", "build_trajectory",
 ]
 
@@ -18,6 +21,11 @@ PERTURBATIONS = {
     "asam": lambda args, settings: ASAM(rho=args.sam_rho, eta=args.asam_eta, **settings),
     "avg_sam": lambda args, settings: AverageSAM(rho=args.sam_rho, seed=args.seed, process_index=args.process_index,
                                                  **settings),
+    "gsam": lambda args, settings: GSAM(rho=args.sam_rho, alpha=args.gsam_alpha, rho_min=args.gsam_rho_min, **settings),
+    "looksam": lambda args, settings: LookSAM(rho=args.sam_rho, k=args.looksam_k, alpha=args.looksam_alpha,
+                                              start=args.sam_start),
+    "esam": lambda args, settings: ESAM(rho=args.sam_rho, beta=args.esam_beta, gamma=args.esam_gamma, seed=args.seed,
+                                        process_index=args.process_index, **settings),
 }
 
 

@@ -182,6 +182,12 @@ class TwoPassMethod(ABC):
 
     #: False for methods whose ``e`` does not depend on the gradient: no pass 1.
     uses_gradient = True
+    #: True for methods whose descent direction combines pass 2's gradient with ``e`` (GSAM,
+    #: LookSAM): pass 2's gradient is then taken on its own and handed to `descend`, with ``e``
+    #: kept until then (under DDP with the "micro" scope, pass 2 runs without all-reduce and the
+    #: step's gradient is averaged over the processes after the last micro-batch, so that each
+    #: process combines its own gradients, as GSAM's authors do).
+    separate_pass_2 = False
 
     def __init__(self, scope: str = "micro", m: int | None = None, start: float = 0.0, interval: int = 1):
         self.scope, self.m, self.start, self.interval = scope, m, start, interval
@@ -203,6 +209,15 @@ class TwoPassMethod(ABC):
         Under sharded training `params` and `grads` are this process's rows of each parameter,
         which lie at `self.rows` in the whole ones; norms over all parameters come from `norm`.
         """
+
+    def descend(self, params: list[torch.Tensor], e: list[torch.Tensor], grads: list[torch.Tensor]):
+        """(`separate_pass_2` methods) Turn pass 2's gradient `grads`, taken at ``w + e`` on the same
+        samples as ``e``, into this group's descent direction, in place."""
+
+    def dot(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        """The inner product of two lists of tensors, over all processes' rows when sharded."""
+        own = sum(torch.dot(x.reshape(-1).float(), y.reshape(-1).float()).item() for x, y in zip(a, b))
+        return own if self.group is None else sum_over_shards(own, self.group)
 
     def norm(self, tensors: list[torch.Tensor]) -> float:
         """The 2-norm of `tensors` taken together, over all processes' rows when sharded: the square
@@ -238,14 +253,16 @@ class TwoPassMethod(ABC):
 
     def _micro_batch(self, trainer, model, inputs, num_items_in_batch) -> PassLosses:
         """Scope "micro": one perturbation per micro-batch, or per chunk of `m` samples."""
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        named = trainable(trainer)
         params = [p for _, p in named]
         chunks = self._chunks(trainer, inputs)
         total = perturbed_total = sharpness_total = None
         copy = None  # the copy of w, reused from chunk to chunk
+        by_hand = self.separate_pass_2 and _processes() > 1  # the step's gradient is averaged below
         for i, (chunk, share) in enumerate(chunks):
             # only the last pass-2 backward of the micro-batch takes part in the Trainer's all-reduce
-            sync = contextlib.nullcontext() if i == len(chunks) - 1 else trainer.accelerator.no_sync(model)
+            last = i == len(chunks) - 1 and not by_hand
+            sync = contextlib.nullcontext() if last else trainer.accelerator.no_sync(model)
             if self.uses_gradient:
                 loss, perturbed, copy = self._two_passes(
                     trainer, model, named, params, chunk, num_items_in_batch, share, sync, copy
@@ -258,6 +275,8 @@ class TwoPassMethod(ABC):
                 perturbed = sharpness = None
             total = _add(total, loss)
             perturbed_total, sharpness_total = _add(perturbed_total, perturbed), _add(sharpness_total, sharpness)
+        if by_hand and trainer.accelerator.sync_gradients:
+            _average_over_processes(params)
         return PassLosses(total, perturbed_total, sharpness_total)
 
     def _two_passes(self, trainer, model, named, params, inputs, num_items_in_batch, share, sync, copy=None):
@@ -273,19 +292,28 @@ class TwoPassMethod(ABC):
         active_params = [params[i] for i in active]
         e = self.perturbation([named[i][0] for i in active], active_params, [params[i].grad for i in active])
         saved = _add_perturbation(active_params, e, into=copy)
-        # Give the accumulated gradients back (pass 2 adds to them); this frees g, which held e.
+        separate = self.separate_pass_2 and e is not None
+        # Give the accumulated gradients back (pass 2 adds to them); this frees g, which held e
+        # (unless pass 2 is taken on its own: e is kept for `descend`).
         for p, acc in zip(params, accumulated):
             if e is None and p.grad is not None:
                 # g is not finite: keep it, so the optimizer step (and the GradScaler) sees it
                 p.grad = p.grad if acc is None else acc.add_(p.grad)
             else:
-                p.grad = acc
-        del e
+                p.grad = None if separate else acc
+        if not separate:
+            del e
         try:
             with sync, frozen_batchnorm_statistics(model):
                 perturbed = trainer.forward_backward(model, inputs, num_items_in_batch, share)
         finally:
             _restore(active_params, saved)
+        if separate:
+            self.descend(active_params, e, [p.grad for p in active_params])
+            del e
+            for p, acc in zip(params, accumulated):  # this group's direction joins the step's gradient
+                if acc is not None:
+                    p.grad = acc if p.grad is None else acc.add_(p.grad)
         return loss, perturbed, saved
 
     def _whole_step(self, trainer, model, inputs, num_items_in_batch) -> PassLosses:
@@ -307,7 +335,7 @@ class TwoPassMethod(ABC):
         window, window_loss = self._window, self._window_loss
         self._window, self._window_loss = [], None
         reshard(model)  # (FSDP2: every module reads its rows again, and so will see w + e)
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        named = trainable(trainer)
         if self.uses_gradient:
             active = [(name, p) for name, p in named if p.grad is not None]
             sharded = [p for _, p in active]
@@ -318,12 +346,17 @@ class TwoPassMethod(ABC):
             for p in sharded:
                 p.grad = None  # g (now e) leaves the gradients; pass 2 accumulates afresh
         else:
-            params = self._own_rows([p for _, p in named])
+            sharded = [p for _, p in named]
+            params = self._own_rows(sharded)
             e = self.perturbation([n for n, _ in named], params, None)
         saved = self.add_perturbation(params, e)
-        del e  # frees g's memory before pass 2 allocates new gradients
+        if not self.separate_pass_2:
+            del e  # frees g's memory before pass 2 allocates new gradients
         groups = [(batch, items, 1) for batch, items in window]
         perturbed = self._at(trainer, model, params, saved, groups, frozen=self.uses_gradient)
+        if self.separate_pass_2:
+            self.descend(params, e, [local(p.grad) for p in sharded])
+            del e
         if not self.uses_gradient:
             return PassLosses(perturbed)
         return PassLosses(loss, perturbed, perturbed - window_loss)
@@ -364,6 +397,27 @@ class TwoPassMethod(ABC):
                     f"(auto_find_batch_size may have lowered it): choose a divisor of {nominal}, or sam_m=None."
                 )
             self._checked_batch_size = nominal
+
+
+def trainable(trainer) -> list[tuple[str, torch.Tensor]]:
+    """The trainable parameters by name, named as in the unwrapped model (without DDP's "module.")."""
+    return [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
+
+
+def _processes() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+
+
+@torch.no_grad()
+def _average_over_processes(params: list[torch.Tensor]):
+    """Average the gradients of `params` over all processes (what DDP's all-reduce does), one
+    all-reduce per parameter in `params` order; a missing gradient counts as zeros."""
+    size = _processes()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad.div_(size)
 
 
 def _add(total, value):
