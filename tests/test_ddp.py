@@ -11,7 +11,7 @@ import torch
 
 import helpers
 from ddp_train import INIT_SCALE, parse_run
-from helpers import TinyNet, assert_same_weights, reference_two_pass, reference_where_and_when
+from helpers import TinyNet, assert_same_weights, reference_flat_family, reference_two_pass, reference_where_and_when
 
 # "METHOD:GRAD_ACCUM:MAX_GRAD_NORM[:KEY=VALUE,...]" (tests/ddp_train.py `parse_run`)
 RUNS = ["sam:2:0.0", "asam:1:0.05", "none:2:0.0", "wasam:1:0.0", "saf:1:0.0"]
@@ -25,7 +25,14 @@ SCHEDULE = "sam:1:0.0:sam_start=0.3,sam_interval=2,sam_m=2"
 # passes 1, then the two passes 2)
 OVERFLOW_STEP = "sam:2:0.05:sam_scope=step,num_train_epochs=2,overflow=1@5"
 OVERFLOW_MICRO = "sam:2:0.0:num_train_epochs=2,overflow=0@5"
-ALL_RUNS = [*RUNS, SAM_STEP, ASAM_STEP, AVG_MICRO, AVG_STEP, SCHEDULE, OVERFLOW_STEP, OVERFLOW_MICRO]
+# GSAM (each rank decomposes its own gradients, then the directions are averaged), LookSAM (g_v
+# from the all-reduced step gradients), ESAM (each rank its own subsets and samples)
+GSAM, GSAM_STEP = "gsam:2:0.05:gsam_alpha=0.5", "gsam:1:0.0:sam_scope=step,gsam_alpha=0.5"
+LOOKSAM, ESAM = "looksam:2:0.05:looksam_k=3,num_train_epochs=2", "esam:2:0.0:esam_beta=0.5"
+FAMILY = [GSAM, GSAM_STEP, LOOKSAM, ESAM]
+OVERFLOW_GSAM = "gsam:2:0.0:num_train_epochs=2,overflow=0@5"
+ALL_RUNS = [*RUNS, SAM_STEP, ASAM_STEP, AVG_MICRO, AVG_STEP, SCHEDULE, OVERFLOW_STEP, OVERFLOW_MICRO, *FAMILY,
+            OVERFLOW_GSAM]
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +212,7 @@ def test_schedule_and_sam_m_under_ddp(ddp_results):
     assert_elsewhere(every_step, expected)
 
 
-@pytest.mark.parametrize("run", [OVERFLOW_STEP, OVERFLOW_MICRO])
+@pytest.mark.parametrize("run", [OVERFLOW_STEP, OVERFLOW_MICRO, OVERFLOW_GSAM])
 def test_fp16_overflow_in_pass_1_on_one_process_skips_the_step_on_both(ddp_results, run):
     """The inf of one process reaches the other through the all-reduce (of pass 1 under
     sam_scope="step", of pass 2 under "micro"): both skip the step and halve the scale alike;
@@ -236,5 +243,41 @@ def test_fp16_overflow_in_pass_1_on_one_process_skips_the_step_on_both(ddp_resul
             assert torch.equal(v, ranks[1]["live"][t][k]), (t, k)
     # every other step is the exact SAM step (the loss scale is a power of 2)
     kept = steps[: skipped - 1] + steps[skipped:]
-    expected = reference_where_and_when(initial, kept, method, rho=0.5, max_grad_norm=clip, scope=scope)
+    if method == "gsam":
+        expected = reference_flat_family(initial, kept, method, rho=0.5, max_grad_norm=clip, scope=scope)
+    else:
+        expected = reference_where_and_when(initial, kept, method, rho=0.5, max_grad_norm=clip, scope=scope)
     assert_final_weights(ranks, expected)
+
+
+# ---- GSAM, LookSAM, ESAM under DDP -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", FAMILY)
+def test_gsam_looksam_esam_under_ddp_match_the_reference(ddp_results, run):
+    """GSAM "micro": each rank decomposes its own micro-batches' gradients and the directions are
+    averaged (the authors' "decompose per worker, then synchronize"); GSAM "step" and LookSAM: one
+    perturbation from the all-reduced step gradient, g_v the same on both ranks; ESAM: each rank
+    draws its own subsets (stream = its index) and selects among its own samples."""
+    method, grad_accum, clip, flat = parse_run(run)
+    ranks = ddp_results[run]
+    initial, steps = reference_setup(ranks, grad_accum)
+    options = dict(rho=0.5, max_grad_norm=clip, scope=flat.get("sam_scope", "micro"), seed=0)
+    if method == "gsam":
+        options.update(alpha=flat["gsam_alpha"])
+    if method == "looksam":
+        options.update(k=flat["looksam_k"], scope="step")
+    if method == "esam":
+        options.update(beta=flat["esam_beta"])
+    perturbed = []
+    expected = reference_flat_family(initial, steps, method, perturbed_losses=perturbed, **options)
+    assert_final_weights(ranks, expected)
+    for r in ranks:  # logged on the perturbed steps, the mean over both ranks
+        assert r["perturbed_loss"] == pytest.approx([v for v in perturbed if v is not None], abs=1e-6)
+    # GSAM "micro": decomposing the averaged gradients instead ends elsewhere; the others differ from SAM
+    if method == "gsam" and options["scope"] == "micro":
+        merged = reference_flat_family(initial, steps, method, **{**options, "scope": "step"})
+        assert_elsewhere(merged, expected)
+    else:
+        assert_elsewhere(reference_where_and_when(initial, steps, "sam", rho=0.5, max_grad_norm=clip,
+                                                  scope=options["scope"]), expected)

@@ -37,8 +37,12 @@ BERT_SAM, BERT_DDP = "sam:1:0.0:model=bert", "sam:1:0.0:model=bert,ddp=1,sam_sco
 GPT2_MESA, GPT2_DDP = "mesa:2:0.0:model=gpt2", "mesa:2:0.0:model=gpt2,ddp=1"
 T5_SWA, T5_DDP = "swa:1:0.0:model=t5,eval=1", "swa:1:0.0:model=t5,eval=1,ddp=1"
 HF_PAIRS = [(BERT_SAM, BERT_DDP), (GPT2_MESA, GPT2_DDP), (T5_SWA, T5_DDP)]
+# GSAM and LookSAM under FSDP (one perturbation per step) beside the same n-SAM runs under DDP
+GSAM, GSAM_DDP = "gsam:2:0.05:gsam_alpha=0.5", "gsam:2:0.05:gsam_alpha=0.5,ddp=1,sam_scope=step"
+LOOKSAM, LOOKSAM_DDP = "looksam:1:0.05:looksam_k=3,resume=4", "looksam:1:0.05:looksam_k=3,ddp=1"
+FAMILY_PAIRS = [(GSAM, GSAM_DDP), (LOOKSAM, LOOKSAM_DDP)]
 RUNS = [SAM, ASAM, AVG_SAM, SWA, SWA_DDP, EMA, EMA_DDP, WASAM, MESA, MESA_DDP, SAF, SAF_DDP, OVERFLOW,
-        *(run for pair in HF_PAIRS for run in pair)]
+        *(run for pair in HF_PAIRS + FAMILY_PAIRS for run in pair)]
 # 3 processes resume SWA's 2-process checkpoint-4 (copied into this run's folder)
 SWA_3 = "swa:1:0.0:eval=1,resume=4,resume_only=1"
 # FSDP from the README's accelerate config file, with no FSDP argument
@@ -186,7 +190,7 @@ def test_each_rank_keeps_the_average_of_its_own_rows_only(fsdp_results):
     assert sum(r["average_bytes"] for r in ranks) == whole
 
 
-@pytest.mark.parametrize("run", [SWA, EMA, WASAM, MESA])
+@pytest.mark.parametrize("run", [SWA, EMA, WASAM, MESA, LOOKSAM])
 def test_resuming_under_fsdp_is_exact(fsdp_results, run):
     results = fsdp_results[run]
     last = fsdp_results["out"] / run_folder(run) / f"checkpoint-{results[0]['run']['global_step']}"
@@ -270,10 +274,12 @@ def test_three_processes_resume_a_two_process_checkpoint(fsdp_results):
         assert r["global_step"] > 4  # and training went on to the end
 
 
-@pytest.mark.parametrize("run, ddp", HF_PAIRS + [(FROM_CONFIG, BERT_DDP)])
+@pytest.mark.parametrize("run, ddp", HF_PAIRS + FAMILY_PAIRS + [(FROM_CONFIG, BERT_DDP)])
 def test_hugging_face_heads_under_fsdp_equal_the_same_run_under_ddp(fsdp_results, run, ddp):
     """BERT with SAM (n-SAM under DDP for the comparison), GPT-2 with MESA's per-token term, T5 with
-    SWA and evaluation; and BERT under FSDP set up by examples/accelerate/fsdp.yaml alone."""
+    SWA and evaluation; GSAM (its decomposition from all-reduced inner products and norms) and
+    LookSAM (its g_v kept as rows) on TinyNet; and BERT under FSDP set up by
+    examples/accelerate/fsdp.yaml alone."""
     ranks, ddp_ranks = runs_of(fsdp_results, run), runs_of(fsdp_results, ddp)
     assert ranks[0]["global_step"] == ddp_ranks[0]["global_step"] > 0
     for r, d in zip(ranks, ddp_ranks):
@@ -282,7 +288,7 @@ def test_hugging_face_heads_under_fsdp_equal_the_same_run_under_ddp(fsdp_results
             torch.testing.assert_close(v, d["final"][k], atol=2e-5, rtol=0, msg=k)
         assert r["loss"] == pytest.approx(d["loss"], abs=1e-5)
         assert r["eval_avg_loss"] == pytest.approx(d["eval_avg_loss"], abs=1e-5)
-    assert all(r["perturbed_loss"] for r in ranks) == run.startswith("sam")
+    assert all(r["perturbed_loss"] for r in ranks) == (parse_run(run)[0] in ("sam", "gsam", "looksam"))
 
 
 def test_memory_of_the_average_and_the_teacher_per_rank(fsdp_results):
