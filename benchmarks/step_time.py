@@ -90,14 +90,24 @@ PRESETS = {
     "plain_ga": lambda opts: {"grad_accum": opts.step_grad_accum},
     "sam_micro_ga": lambda opts: {"flat_method": "sam", "grad_accum": opts.step_grad_accum},
     "sam_step": lambda opts: {"flat_method": "sam", "sam_scope": "step", "grad_accum": opts.step_grad_accum},
+    # the SAF paper's comparison set (hf_flat.methods.gsam / looksam / esam), at the authors' defaults
+    "gsam": {"flat_method": "gsam"},
+    "looksam": {"flat_method": "looksam", "looksam_k": 5},
+    "esam": {"flat_method": "esam", "esam_beta": 0.6, "esam_gamma": 0.5},
 }
 #: The original method table (the default of --methods).
 METHODS = ["plain", "none", "sam", "asam", "swa", "swa_every_step", "ema", "wasam", "saf", "mesa"]
 #: --methods sam_settings: the settings with a target, and their references.
 SAM_SETTINGS = ["plain", "sam", "avg_sam", "sam_interval5", "sam_interval10", "sam_start0.8", "sam_m",
                 "plain_ga", "sam_micro_ga", "sam_step"]
-#: preset -> (the setting as the issue writes it, the largest ratio to the plain Trainer allowed).
+#: --methods family: GSAM, LookSAM and ESAM beside SAM, SAF and MESA.
+FAMILY = ["plain", "sam", "saf", "mesa", "gsam", "looksam", "esam"]
+#: preset -> (the setting as the issue writes it, the largest ratio to the plain Trainer allowed[,
+#: the extra memory allowed in copies of the trainable weights, default MEMORY_TARGET_COPIES]).
 TARGETS = {
+    "gsam": ("`gsam`", 2.10, 2.0),
+    "looksam": ("`looksam` (k = 5) over a whole run", 1.30, 2.0),
+    "esam": ("`esam` (beta 0.6, gamma 0.5)", 1.75),
     "avg_sam": ("`avg_sam` (sam_rho 0.5)", 1.05),
     "sam_interval5": ("`sam_interval=5`", 1.25),
     "sam_interval10": ("`sam_interval=10`", 1.12),
@@ -119,12 +129,17 @@ def preset(name, opts):
 
 
 def scheduled(flat):
-    return flat.get("sam_start", 0.0) > 0 or flat.get("sam_interval", 1) > 1
+    return flat.get("sam_start", 0.0) > 0 or interval_of(flat) > 1
+
+
+def interval_of(flat):
+    """Optimizer steps from one perturbed step to the next (LookSAM: its k)."""
+    return flat.get("looksam_k", 1) if flat.get("flat_method") == "looksam" else flat.get("sam_interval", 1)
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*PRESETS, "sam_settings"],
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*PRESETS, "sam_settings", "family"],
                         help="presets; 'plain' is transformers.Trainer; 'sam_settings' = " + " ".join(SAM_SETTINGS))
     parser.add_argument("--epoch_steps", type=int, default=5, help="optimizer steps per epoch (SWA snapshots)")
     parser.add_argument("--steps", type=int, default=15, help="T: optimizer steps of the timed run (after --warmup)")
@@ -153,7 +168,7 @@ def parse(argv=None):
     opts = parser.parse_args(argv)
     methods = []
     for name in opts.methods:
-        for m in SAM_SETTINGS if name == "sam_settings" else [name]:
+        for m in {"sam_settings": SAM_SETTINGS, "family": FAMILY}.get(name, [name]):
             if m not in methods:
                 methods.append(m)
     opts.methods = methods
@@ -255,7 +270,7 @@ def run_one(opts):
     if opts.measure == "memory":  # one short run, nothing before it
         # a schedule must perturb a step after the first (AdamW's state only exists from the first
         # optimizer step on, so a perturbed first step alone does not reach the peak)
-        trainer = make_trainer(max(opts.memory_steps, flat.get("sam_interval", 1) + 1))
+        trainer = make_trainer(max(opts.memory_steps, interval_of(flat) + 1))
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -310,6 +325,7 @@ def run_one(opts):
                 trainer.averaging.on_step_end = timed(trainer.averaging.on_step_end)
             if getattr(trainer, "trajectory", None) is not None:
                 trainer.trajectory.term = timed(trainer.trajectory.term)
+                trainer.trajectory.before_forward = timed(trainer.trajectory.before_forward)  # MESA's teacher
                 if hasattr(trainer.trajectory, "on_step_end"):
                     trainer.trajectory.on_step_end = timed(trainer.trajectory.on_step_end)
             perturbation = getattr(trainer, "perturbation", None)
@@ -404,10 +420,10 @@ def main():
         return run_one(opts)
     for method in opts.methods:
         flat, _ = preset(method, opts)
-        interval = flat.get("sam_interval", 1)
+        interval = interval_of(flat)
         if opts.steps % interval:
-            sys.exit(f"{method}: --steps {opts.steps} is not a multiple of sam_interval={interval}: the timed run "
-                     "must hold whole intervals.")
+            sys.exit(f"{method}: --steps {opts.steps} is not a multiple of its perturbation interval {interval}: the "
+                     "timed run must hold whole intervals.")
         if "sam_m" in flat and (flat["sam_m"] < 1 or opts.batch % flat["sam_m"]):
             sys.exit(f"{method}: sam_m={flat['sam_m']} must divide --batch {opts.batch}")
     # every preset is compared with the plain Trainer at its own gradient accumulation
@@ -500,7 +516,7 @@ def main():
         lines.append("")
         lines.append("Targets: ratio to the plain Trainer at the same gradient accumulation (whole-run time for "
                      "a schedule, median step time otherwise); extra memory at most one copy of the trainable "
-                     "weights (`sam_scope=\"step\"`: plus its window's inputs), give or take "
+                     "weights (`gsam`, `looksam`: two; `sam_scope=\"step\"`: plus its window's inputs), give or take "
                      f"{MEMORY_TOLERANCE_COPIES} copies." +
                      (" Expected for a schedule: 1 + (perturbed fraction) x (sam's ratio - 1), from this run's "
                       f"`sam` ({sam['ratio']:.2f}x)." if sam else ""))
@@ -510,12 +526,13 @@ def main():
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for m in with_target:
             r = results[m]
-            label, target = TARGETS[m]
+            label, target, *copies = TARGETS[m]
+            copies = copies[0] if copies else MEMORY_TARGET_COPIES
             label = label.format(ga=r["grad_accum"], m=r["flat"].get("sam_m"), batch=opts.batch)
             notes = [f"vs `{r['baseline']}`; round by round "
                      + ", ".join(f"{x:.2f}" for x in r["per_round_ratios"])
                      + f" (median {statistics.median(r['per_round_ratios']):.2f}x)"]
-            allowed_mb = MEMORY_TARGET_COPIES * r["trainable_mb"]
+            allowed_mb = copies * r["trainable_mb"]
             base_mean = results[r["baseline"]]["mean_step_ms"]
             if r["window_input_mb"] is not None:
                 notes.append(f"window's inputs {r['window_input_mb']:.3f} MB ({r['grad_accum']} micro-batches; the "
@@ -529,7 +546,7 @@ def main():
                 notes.append(f"perturbed step {r['perturbed_step_ms']:.0f} ms, other {r['unperturbed_step_ms']:.0f} ms "
                              "(medians)")
                 # a long run perturbs exactly 1/interval (or 1 - sam_start) of its steps
-                share = 1 / r["flat"].get("sam_interval", 1) * (1 - r["flat"].get("sam_start", 0.0))
+                share = 1 / interval_of(r["flat"]) * (1 - r["flat"].get("sam_start", 0.0))
                 if r["perturbed_mean_ms"] and r["unperturbed_mean_ms"]:
                     long = (share * r["perturbed_mean_ms"] + (1 - share) * r["unperturbed_mean_ms"]) / base_mean
                     r["ratio_long_run"] = long
@@ -544,7 +561,7 @@ def main():
     if opts.markdown:
         model, cpus = machine()
         header = [
-            f"# Step time of the SAM settings ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC})",
+            f"# Step time of flat methods ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC})",
             "",
             f"- command: `{shlex.join([os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable, *sys.argv])}`",
             f"- CPU: {model}, {cpus} CPU(s) (lscpu); device used: {first['device']}",

@@ -133,7 +133,7 @@ def applies(name, method):
     perturbation, averaging = parse_flat_method(method)
     if name == "sam_rho" or name in PERTURBATION_SETTINGS:
         return perturbation in TWO_PASS_METHODS
-    for prefix in ("asam", "saf", "mesa"):
+    for prefix in ("asam", "gsam", "looksam", "esam", "saf", "mesa"):
         if name.startswith(prefix + "_"):
             return perturbation == prefix
     if name == "ema_decay":

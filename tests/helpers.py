@@ -332,3 +332,185 @@ def reference_where_and_when(
             for p, g in zip(params, total):
                 p.sub_(lr * g)
     return model
+
+
+def _dot(a, b):
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def _norm(a):
+    return torch.sqrt(_dot(a, a))
+
+
+def reference_flat_family(
+    model, steps, method, rho=0.05, lr=0.1, max_grad_norm=0.0, scope="micro", alpha=None, rho_min=None, lrs=None,
+    k=5, start=0.0, beta=1.0, gamma=0.5, seed=0, perturbed_steps=None, perturbed_losses=None, losses=None,
+):
+    """Train a copy of `model` by hand with GSAM, LookSAM or ESAM, written out from their
+    definitions (notes/issue14_spec.md). `steps`: a list of optimizer steps, each a list of
+    micro-batches, or for several processes a list of per-rank lists (k: micro-batches per rank).
+
+    - "gsam" (`alpha` default 0.4): per group (scope "micro": each micro-batch of each rank; "step":
+      the whole step, all-reduced), g = grad(L/k) at w, e = rho_t g/(||g|| + 1e-12), g_p = grad(L/k)
+      at w + e, cos = <g, g_p>/(||g|| ||g_p|| + 1e-12), g_perp = g - cos ||g|| g_p/(||g_p|| + 1e-12);
+      gradient g_p - alpha g_perp (micro: summed per rank, then mean over ranks). rho_t = rho, or with
+      `rho_min`: rho_min + (rho - rho_min)(lr_t - lr_min)/(lr_max - lr_min) over `lrs` (rho if equal).
+      `perturbed_steps` (1-based; default all): the others are plain SGD steps.
+    - "looksam" (`alpha` default 0.7, `k`, `start`): with s = max(1, ceil(start T)), step t is a SAM
+      step iff t >= s and (t - s) % k == 0: g, e = rho g/(||g|| + 1e-12), g_s at w + e (whole step,
+      mean over ranks), update g_s, g_v = g_s - <g_s, e>/||e||^2 e. Other steps from s on:
+      g + alpha ||g||/(||g_v|| + 1e-12) g_v. Steps before s: plain.
+    - "esam" (`beta`, `gamma`, `seed`): per micro-batch b of each rank, S = all tensors (beta = 1)
+      or `hf_flat.methods.esam.esam_subset(seed, str(rank), index, n, beta)` (index counted per rank);
+      e = (rho/beta) g_S/(||g_S|| + 1e-12) on S; per-sample losses at w and at w + e; B+ = the
+      ceil(gamma |b|) samples with the largest rise; gradient grad(L_{B+}(w + e)/k).
+      `perturbed_steps` as for GSAM.
+    Then: mean over ranks, optional clipping, SGD step with lr `lrs[t - 1]` (default `lr`).
+    `losses` / `perturbed_losses` (lists) receive per step the mean over ranks of the sums of
+    L_b(w)/k and of L_b(w + e)/k (ESAM: the whole micro-batch at w + e; None on steps without e).
+    """
+    import math
+    from fractions import Fraction
+
+    model = copy.deepcopy(model).train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    total_steps = len(steps)
+    lrs = [lr] * total_steps if lrs is None else list(lrs)
+    if alpha is None:
+        alpha = {"gsam": 0.4, "looksam": 0.7}.get(method, 0.0)
+    counts = {}  # esam: stream -> perturbations so far
+    g_v = None  # looksam
+
+    def grad_of(batch, scale):
+        out = model(**batch)
+        loss = out["loss"] * scale
+        g = torch.autograd.grad(loss, params, allow_unused=True)
+        return [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)], loss.item(), out
+
+    def shifted(e, fn):
+        """fn() at w + e (BatchNorm frozen), then w restored exactly."""
+        w = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, ei in zip(params, e):
+                p.add_(ei)
+        bn_state = _freeze_bn(model)
+        try:
+            return fn()
+        finally:
+            _unfreeze_bn(bn_state)
+            with torch.no_grad():
+                for p, wi in zip(params, w):
+                    p.copy_(wi)
+
+    def step_gradient(per_rank, e=None):
+        """Mean over ranks of sum_b grad(L_b(w [+ e]) / k), and the same of the loss values."""
+        total, value = [torch.zeros_like(p) for p in params], 0.0
+        for rank_batches in per_rank:
+            kk = len(rank_batches)
+            for batch in rank_batches:
+                g, v, _ = grad_of(batch, 1 / kk) if e is None else shifted(e, lambda b=batch, kk=kk: grad_of(b, 1 / kk))
+                value += v / len(per_rank)
+                for acc, gi in zip(total, g):
+                    acc.add_(gi / len(per_rank))
+        return total, value
+
+    def sam_e(g, radius):
+        n = _norm(g)
+        return [radius * gi / (n + 1e-12) for gi in g]
+
+    def gsam_gradient(g, gp):
+        ng, ngp = _norm(g), _norm(gp)
+        cos = _dot(g, gp) / (ng * ngp + 1e-12)
+        g_perp = [gi - cos * ng * gpi / (ngp + 1e-12) for gi, gpi in zip(g, gp)]
+        return [gpi - alpha * gperp for gpi, gperp in zip(gp, g_perp)]
+
+    def rho_at(t):
+        if rho_min is None or max(lrs) == min(lrs):
+            return rho
+        return rho_min + (rho - rho_min) * (lrs[t - 1] - min(lrs)) / (max(lrs) - min(lrs))
+
+    def esam_chosen(rank, n):
+        stream = str(rank)
+        index = counts.get(stream, 0)
+        counts[stream] = index + 1
+        if beta == 1:
+            return [True] * n
+        from hf_flat.methods.esam import esam_subset
+
+        chosen = list(esam_subset(seed, stream, index, n, beta))
+        return chosen if any(chosen) else None  # an empty draw: every tensor, rho unscaled
+
+    first = max(1, math.ceil(Fraction(repr(float(start))) * total_steps))
+
+    for t, step in enumerate(steps, start=1):
+        per_rank = step if isinstance(step[0], list) else [step]
+        perturbed = perturbed_steps is None or t in perturbed_steps
+        step_perturbed = None
+        if method == "looksam":
+            g, step_loss = step_gradient(per_rank)
+            if t < first:
+                total = g
+            elif (t - first) % k == 0:
+                e = sam_e(g, rho)
+                g_s, step_perturbed = step_gradient(per_rank, e)
+                coef = _dot(g_s, e) / _dot(e, e)
+                g_v = [gs - coef * ei for gs, ei in zip(g_s, e)]
+                total = g_s
+            else:
+                scale = alpha * _norm(g) / (_norm(g_v) + 1e-12)
+                total = [gi + scale * gv for gi, gv in zip(g, g_v)]
+        elif not perturbed:
+            total, step_loss = step_gradient(per_rank)
+        elif method == "gsam" and scope == "step":
+            g, step_loss = step_gradient(per_rank)
+            g_p, step_perturbed = step_gradient(per_rank, sam_e(g, rho_at(t)))
+            total = gsam_gradient(g, g_p)
+        elif method in ("gsam", "esam"):
+            total = [torch.zeros_like(p) for p in params]
+            step_loss = step_perturbed = 0.0
+            for rank, rank_batches in enumerate(per_rank):
+                kk = len(rank_batches)
+                for batch in rank_batches:
+                    g, value, out = grad_of(batch, 1 / kk)
+                    step_loss += value / len(per_rank)
+                    if method == "gsam":
+                        g_p, value = shifted(sam_e(g, rho_at(t)), lambda b=batch, kk=kk: grad_of(b, 1 / kk)[:2])
+                        contribution = gsam_gradient(g, g_p)
+                    else:
+                        chosen = esam_chosen(rank, len(params))
+                        scale_beta = beta if chosen is not None else 1.0
+                        chosen = chosen or [True] * len(params)
+                        g_s = [gi if c else torch.zeros_like(gi) for gi, c in zip(g, chosen)]
+                        norm_s = _norm([gi for gi, c in zip(g, chosen) if c])
+                        e = [(rho / scale_beta) * gi / (norm_s + 1e-12) for gi in g_s]
+                        labels = batch["labels"]
+                        at_w = F.cross_entropy(out["logits"].detach(), labels, reduction="none")
+
+                        def esam_pass(b=batch, at_w=at_w, labels=labels, kk=kk):
+                            with torch.no_grad():
+                                selection = model(**b)
+                            rise = F.cross_entropy(selection["logits"], labels, reduction="none") - at_w
+                            n_selected = math.ceil(gamma * len(labels))
+                            keep = torch.topk(rise, n_selected).indices.sort().values
+                            g2, _, _ = grad_of({key: v[keep] for key, v in b.items()}, 1 / kk)
+                            return g2, selection["loss"].item() / kk
+
+                        contribution, value = shifted(e, esam_pass)
+                    step_perturbed += value / len(per_rank)
+                    for acc, ci in zip(total, contribution):
+                        acc.add_(ci / len(per_rank))
+        else:
+            raise ValueError(f"no reference for method={method!r} with scope={scope!r}")
+        if losses is not None:
+            losses.append(step_loss)
+        if perturbed_losses is not None:
+            perturbed_losses.append(step_perturbed)
+        if max_grad_norm > 0:
+            norm = _norm(total)
+            coef = min(1.0, max_grad_norm / (norm.item() + 1e-6))
+            total = [g * coef for g in total]
+        with torch.no_grad():
+            for p, g in zip(params, total):
+                p.sub_(lrs[t - 1] * g)
+    return model

@@ -205,3 +205,28 @@ def test_bad_saf_and_mesa_arguments(field, value, allowed):
 
 def test_saf_is_not_a_two_pass_method():
     make(flat_method="saf", optim="lomo")  # one pass: fine with optimizers that step inside backward
+
+
+@pytest.mark.parametrize(
+    "method, setting, message",
+    [
+        ("looksam", {"sam_scope": "micro"}, "its SAM steps take the whole step's gradient, so that g_v is the same"),
+        ("looksam", {"sam_m": 2}, "its SAM steps take the whole step's gradient: leave sam_m None"),
+        ("looksam+swa", {"sam_interval": 2}, "its SAM steps come every looksam_k steps: set looksam_k instead"),
+        ("esam", {"sam_scope": "step"}, "ESAM perturbs each micro-batch on its own"),
+        ("esam", {"sam_m": 2}, "ESAM perturbs each micro-batch on its own"),
+    ],
+)
+def test_settings_that_looksam_and_esam_cannot_honour_are_refused(method, setting, message):
+    (key, value), = setting.items()
+    with pytest.raises(ValueError, match=re.escape(f"{key}={value!r} is not allowed with flat_method={method!r}: ")
+                       + ".*" + re.escape(message)):
+        make(flat_method=method, per_device_train_batch_size=4, **setting)
+
+
+def test_esam_is_refused_under_fsdp_with_what_to_use_instead():
+    with pytest.raises(ValueError, match=r"flat_method='esam' cannot run under FSDP: ESAM perturbs each micro-batch "
+                                         r"and process on its own.*Use ESAM with DDP, or under FSDP flat_method='sam'"):
+        make(flat_method="esam", fsdp="full_shard")
+    make(flat_method="gsam", fsdp="full_shard")  # GSAM and LookSAM run under FSDP (tests/test_fsdp.py)
+    make(flat_method="looksam", fsdp="full_shard")

@@ -55,8 +55,10 @@ STATE_VERSION = "1"
 
 
 def esam_subset(seed: int, stream: str, index: int, n: int, beta: float) -> list[bool]:
-    """Which of `n` parameter tensors ESAM perturbation number `index` of `stream` perturbs: each
-    with probability `beta`, from a CPU generator seeded with `direction_seed(seed, "esam/<stream>", index, 0)`."""
+    """Which of the `n` trainable parameter tensors (in ``named_parameters()`` order) ESAM
+    perturbation number `index` of `stream` perturbs: each with probability `beta`, from a CPU
+    generator seeded with `direction_seed(seed, "esam/<stream>", index, 0)`. If none is drawn
+    (probability ``(1 - beta)^n``), ESAM perturbs every tensor with ``rho`` unscaled, as for beta = 1."""
     generator = torch.Generator().manual_seed(direction_seed(seed, f"esam/{stream}", index, 0))
     return (torch.rand(n, generator=generator, dtype=torch.float64) < beta).tolist()
 
@@ -94,12 +96,13 @@ class ESAM(TwoPassMethod):
         super().__init__(**schedule_and_scope)
         self.rho, self.beta, self.gamma, self.seed, self.process_index = rho, beta, gamma, seed, process_index
         self.draws = 0  # subsets drawn so far in this run (k)
+        self._scale_beta = beta  # beta of the current draw (1 for an empty draw)
 
     def perturbation(self, names, params, grads):
         norm = self.norm(grads)
         if not math.isfinite(norm):
             return None
-        torch._foreach_mul_(grads, self.rho / self.beta / (norm + EPS))
+        torch._foreach_mul_(grads, self.rho / self._scale_beta / (norm + EPS))
         return grads
 
     def _two_passes(self, trainer, model, named, params, inputs, num_items_in_batch, share, sync, copy=None):
@@ -110,6 +113,8 @@ class ESAM(TwoPassMethod):
         accumulated = [p.grad for p in params]
         for p in params:
             p.grad = None
+        # an empty draw (probability (1 - beta)^n) takes every tensor, unscaled, as beta = 1 would
+        self._scale_beta = self.beta if any(chosen) else 1.0
         left_out = [p for p, c in zip(params, chosen) if not c] if any(chosen) else []
         for p in left_out:
             p.requires_grad_(False)

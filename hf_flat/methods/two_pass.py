@@ -216,7 +216,10 @@ class TwoPassMethod(ABC):
 
     def dot(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         """The inner product of two lists of tensors, over all processes' rows when sharded."""
-        own = sum(torch.dot(x.reshape(-1).float(), y.reshape(-1).float()).item() for x, y in zip(a, b))
+        if not a:
+            return 0.0
+        dots = [torch.dot(x.reshape(-1).float(), y.reshape(-1).float()).to(a[0].device) for x, y in zip(a, b)]
+        own = torch.stack(dots).double().sum().item()  # one synchronisation, not one per parameter
         return own if self.group is None else sum_over_shards(own, self.group)
 
     def norm(self, tensors: list[torch.Tensor]) -> float:
