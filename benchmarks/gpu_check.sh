@@ -51,9 +51,9 @@ for precision in bf16 fp16; do
     echo "## Step time and peak memory, ViT-B/16 (hidden 768, 12 layers, patch 16), batch 32, $precision"
     echo
   } >> "$result"
-  timeout 200 "$python" benchmarks/step_time.py --model vit --hidden 768 --layers 12 --batch 32 \
+  timeout 300 "$python" benchmarks/step_time.py --model vit --hidden 768 --layers 12 --batch 32 \
     --steps 10 --warmup 3 --rounds 1 --memory_steps 3 --epoch_steps 5 --"$precision" \
-    --methods plain sam asam swa ema wasam saf mesa --output "benchmarks/results/gpu_step_time_$precision.json" \
+    --methods plain sam asam swa ema wasam saf mesa gsam looksam esam --output "benchmarks/results/gpu_step_time_$precision.json" \
     2>/dev/null | tee -a "$result"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
