@@ -29,7 +29,9 @@ TWO_PASS_METHODS = ("sam", "asam", "avg_sam", "gsam", "looksam", "esam")
 #: Where and when those methods perturb, with their defaults (the arguments only they read).
 PERTURBATION_SETTINGS = {"sam_m": None, "sam_scope": None, "sam_start": 0.0, "sam_interval": 1}
 #: Averaging methods implemented so far.
-AVERAGING_METHODS = ("swa", "ema")
+AVERAGING_METHODS = ("swa", "ema", "lawa")
+#: SWA's learning-rate schedule (`hf_flat.swa_schedule`), with its defaults.
+SWA_SCHEDULE_SETTINGS = {"swa_lr": None, "swa_anneal_steps": 0, "swa_anneal_strategy": "cos", "swa_cycle_steps": 0}
 #: Names the papers use for combinations.
 ALIASES = {"wasam": "sam+swa"}
 #: Optimizers that update the weights inside `backward()`: a two-pass step cannot run with them.
@@ -271,6 +273,30 @@ class FlatArgumentsMixin:
     average_on_cpu: bool = field(
         default=False, metadata={"help": "Keep the float32 averaged weights in CPU memory (for large models)."}
     )
+    lawa_k: int = field(
+        default=5,
+        metadata={"help": "LAWA: the average is that of the latest lawa_k snapshots (>= 1), taken at SWA's moments."},
+    )
+    swa_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "SWA's learning-rate schedule: from averaging's first step the rate anneals to swa_lr (> 0) and "
+            "stays there (torch SWALR), or cycles down to it (swa_cycle_steps). None: the Trainer's own schedule "
+            "throughout. Any averaging method."
+        },
+    )
+    swa_anneal_steps: int = field(
+        default=0, metadata={"help": "SWA schedule: optimizer steps of the anneal to swa_lr (>= 0; 0: at once)."}
+    )
+    swa_anneal_strategy: str = field(default="cos", metadata={"help": "SWA schedule: the anneal's shape, 'cos' or 'linear'."})
+    swa_cycle_steps: int = field(
+        default=0,
+        metadata={
+            "help": "SWA schedule: > 0 for the cyclical schedule of Izmailov et al. (eq. 2): within each cycle of this "
+            "many optimizer steps the rate falls linearly from the rate at averaging's start to swa_lr, and a "
+            "snapshot is taken at each cycle's end. Needs swa_lr; average_freq must be 0 or the same."
+        },
+    )
     average_bn_batches: int | None = field(
         default=None,
         metadata={
@@ -322,6 +348,7 @@ class FlatArgumentsMixin:
         _check(self, "average_bn_batches", lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1")
         self._check_where_and_when()
         self._check_gsam_looksam_esam()
+        self._check_swa_schedule()
         if self.flat_perturbation in TWO_PASS_METHODS:
             self._refuse_unsupported_two_pass_setups()
         if self.deepspeed and (self.flat_perturbation in (*TWO_PASS_METHODS, "mesa") or self.flat_averaging):
@@ -335,6 +362,40 @@ class FlatArgumentsMixin:
                 "the best checkpoint, use save_strategy='best' with metric_for_best_model='eval_avg_loss' "
                 "(or another eval_avg_ metric), and set load_best_model_at_end=False."
             )
+
+    def _check_swa_schedule(self):
+        """`swa_lr`, `swa_anneal_steps`, `swa_anneal_strategy`, `swa_cycle_steps`, `lawa_k`."""
+        _check(self, "swa_lr", lambda v: v is None or (_is_number(v) and v > 0), "None or a finite number > 0")
+        _check(self, "swa_anneal_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+        _check(self, "swa_anneal_strategy", lambda v: v in ("cos", "linear"), "'cos' or 'linear'")
+        _check(self, "swa_cycle_steps", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+        _check(self, "lawa_k", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        changed = [f"{k}={getattr(self, k)!r}" for k, v in SWA_SCHEDULE_SETTINGS.items() if getattr(self, k) != v]
+        if changed and self.swa_lr is None:
+            raise ValueError(
+                f"{', '.join(changed)} needs swa_lr: SWA's schedule runs from averaging's start towards swa_lr. "
+                "Set swa_lr, or leave these at their defaults."
+            )
+        if self.swa_lr is not None and self.flat_averaging is None:
+            raise ValueError(
+                f"swa_lr={self.swa_lr!r} is not allowed with flat_method={self.flat_method!r}: SWA's schedule starts "
+                "with averaging, which this method does not do. Use an averaging method ('swa', 'ema', 'lawa', "
+                "'<perturbation>+swa', ...), or leave swa_lr=None."
+            )
+        if self.swa_cycle_steps:
+            if self.swa_anneal_steps:
+                raise ValueError(
+                    f"swa_anneal_steps={self.swa_anneal_steps!r} is not allowed with swa_cycle_steps="
+                    f"{self.swa_cycle_steps!r}: the cyclical schedule has no anneal. Set one of them to 0."
+                )
+            if self.flat_averaging in ("swa", "lawa") and self.average_freq not in (0, self.swa_cycle_steps):
+                raise ValueError(
+                    f"average_freq={self.average_freq!r} is not allowed with swa_cycle_steps={self.swa_cycle_steps!r}: "
+                    f"snapshots are taken at the end of each cycle. Set average_freq to 0 or {self.swa_cycle_steps}."
+                )
+        if self.flat_averaging != "lawa" and self.lawa_k != 5:
+            warnings.warn(f"lawa_k={self.lawa_k!r} has no effect with flat_method={self.flat_method!r}: only "
+                          "'lawa' and '<perturbation>+lawa' read it.", stacklevel=3)
 
     def _check_gsam_looksam_esam(self):
         _check(self, "gsam_alpha", lambda v: _is_number(v) and v >= 0, "a finite number >= 0")

@@ -8,6 +8,12 @@
   Optimizers Work?", NeurIPS 2022, arXiv 2202.00661, Algorithm 1 lines 7-9).
 - **EMA**: ``v = decay * v + (1 - decay) * w`` after every optimizer step after ``start_step``,
   with ``v = w`` at ``start_step``.
+- **LAWA** (Kaddour, "Stop Wasting My Time! Saving Days of ImageNet and BERT Training with Latest
+  Weight Averaging", arXiv 2209.14981): the mean of the latest ``k`` snapshots (``lawa_k``), taken at
+  SWA's moments: a sliding window of ``k`` float32 copies; the mean is computed when it is used.
+
+With SWA's cyclical learning rate (``swa_cycle_steps = c``, `hf_flat.swa_schedule`) the SWA and
+LAWA snapshots are taken at the end of each cycle instead: steps ``start_step - 1 + j * c``.
 
 ``start_step = max(1, ceil(average_start * total_optimizer_steps))``. The average covers the
 trainable parameters (under PEFT: the adapters), is kept in float32 (on the parameters' device,
@@ -97,25 +103,29 @@ class WeightAveraging(TrainerCallback):
     - a parameter that *leaves* stays in the average, and its frozen value keeps entering it.
 
     Args:
-        method: ``"swa"`` or ``"ema"``.
+        method: ``"swa"``, ``"ema"`` or ``"lawa"``.
         start: `average_start`, the fraction of the optimizer steps after which averaging begins.
         freq: `average_freq`, SWA's snapshot period in optimizer steps (0: once per epoch).
         decay: `ema_decay`.
+        k: `lawa_k`, LAWA's window.
+        cycle: `swa_cycle_steps` (> 0: SWA / LAWA snapshots at the end of each cycle).
         on_cpu: keep the average in CPU memory.
         batchnorm_batches: a function returning an iterable of training batches, ready for the
             model, for the BatchNorm recomputation.
     """
 
-    def __init__(self, method, start=0.75, freq=0, decay=0.999, on_cpu=False, batchnorm_batches=None):
+    def __init__(self, method, start=0.75, freq=0, decay=0.999, on_cpu=False, batchnorm_batches=None, k=5, cycle=0):
         self.method, self.start, self.freq, self.decay, self.on_cpu = method, start, freq, decay, on_cpu
-        self.update_fn = get_swa_multi_avg_fn() if method == "swa" else get_ema_multi_avg_fn(decay)
+        self.k, self.cycle = k, cycle
+        self.update_fn = get_ema_multi_avg_fn(decay) if method == "ema" else get_swa_multi_avg_fn()
         self.batchnorm_batches = batchnorm_batches
         self.reset()
 
     def reset(self):
         """Forget the average (a new `train()` without resuming starts a new one)."""
-        self.average: dict[str, torch.Tensor] = {}  # parameter name -> float32 average
-        self.count = 0  # snapshots in the SWA mean / EMA updates so far
+        self.average: dict[str, torch.Tensor] = {}  # parameter name -> float32 average (SWA, EMA)
+        self.window: list[dict[str, torch.Tensor]] = []  # LAWA: the latest snapshots, oldest first
+        self.count = 0  # snapshots in the SWA mean / EMA updates / LAWA snapshots so far
         self.start_step = None
         self.params: dict[str, nn.Parameter] = {}  # the model's parameters by name, set when training begins
         self._restored = None  # (tensors, names) of an average restored from a checkpoint, until training begins
@@ -138,6 +148,9 @@ class WeightAveraging(TrainerCallback):
     def first_snapshot(self, max_steps) -> int | None:
         """The first step >= start_step that takes a snapshot (with `average_freq = 0`, the end of
         an epoch, at the latest `max_steps`), or None if none of steps start_step..max_steps does."""
+        if self.cycle and self.method != "ema":
+            first = self.start_step + self.cycle - 1
+            return first if first <= max_steps else None
         if self.method == "ema" or self.freq == 0:
             return self.start_step if self.start_step <= max_steps else None
         first = math.ceil(self.start_step / self.freq) * self.freq
@@ -165,7 +178,7 @@ class WeightAveraging(TrainerCallback):
         after checking its names and shapes against the model."""
         if self._restored is None:
             return
-        tensors, names = self._restored
+        tensors, names, slots = self._restored
         self._restored = None
         unknown = [n for n in names if n not in self.params]
         if unknown:
@@ -173,19 +186,25 @@ class WeightAveraging(TrainerCallback):
                 f"The averaged weights restored from the checkpoint include {len(unknown)} parameter(s) the "
                 f"model does not have, e.g. {unknown[:3]}: resume with the model that wrote the checkpoint."
             )
-        for name in names:
-            shape = shape_in_state(tensors, f"averaging.{name}")
+        keys = [f"averaging.{n}" for n in names] if slots is None else [f"averaging.{i}.{n}" for i in range(slots) for n in names]
+        for key in keys:
+            name = key.split(".", 2)[-1] if slots is not None else key[len("averaging."):]
+            shape = shape_in_state(tensors, key)
             if shape != tuple(self.params[name].shape):
                 raise ValueError(
                     f"The averaged weight {name!r} in the checkpoint has shape {shape} but the model's "
                     f"parameter has shape {tuple(self.params[name].shape)}."
                 )
-        self.average = {
-            n: rows_of_state(tensors, f"averaging.{n}", rows_of(self.params[n])).to(
-                device="cpu" if self.on_cpu else local(self.params[n]).device, dtype=torch.float32
-            )
-            for n in names
-        }
+
+        def restored(key, name):
+            p = self.params[name]
+            return rows_of_state(tensors, key, rows_of(p)).to(
+                device="cpu" if self.on_cpu else local(p).device, dtype=torch.float32)
+
+        if slots is None:
+            self.average = {n: restored(f"averaging.{n}", n) for n in names}
+        else:
+            self.window = [{n: restored(f"averaging.{i}.{n}", n) for n in names} for i in range(slots)]
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # After every callback's on_step_begin and the backward passes, before the weights move: a
@@ -200,8 +219,11 @@ class WeightAveraging(TrainerCallback):
             self.update()
 
     def is_snapshot_step(self, step, state) -> bool:
-        """SWA: every `freq` steps, or with freq 0 at the last step of each epoch (an epoch ends
-        when `state.epoch` reaches a whole number, or when training stops at `max_steps`)."""
+        """SWA, LAWA: every `freq` steps, or with freq 0 at the last step of each epoch (an epoch
+        ends when `state.epoch` reaches a whole number, or when training stops at `max_steps`); with
+        SWA's cyclical schedule at the end of each cycle."""
+        if self.cycle:
+            return (step - self.start_step + 1) % self.cycle == 0
         if self.freq > 0:
             return step % self.freq == 0
         return float(state.epoch).is_integer() or step == state.max_steps
@@ -210,11 +232,28 @@ class WeightAveraging(TrainerCallback):
     def admit_new_parameters(self):
         """Once averaging has begun, add the parameters that have become trainable since, with their
         current (so far frozen) value as their average."""
-        if not self.average:
+        if not self.names():
             return
         for name, p in self.params.items():
-            if p.requires_grad and name not in self.average:
-                self.average[name] = self._float32_copy(p)
+            if p.requires_grad and name not in self.names():
+                if self.method == "lawa":  # its frozen value stands in every snapshot of the window
+                    for snapshot in self.window:
+                        snapshot[name] = self._float32_copy(p)
+                else:
+                    self.average[name] = self._float32_copy(p)
+
+    def names(self) -> list[str]:
+        """The parameters the average covers."""
+        return list(self.window[-1]) if self.method == "lawa" and self.window else list(self.average)
+
+    def value(self, name) -> torch.Tensor:
+        """The averaged value of parameter `name` (LAWA: the mean of the window, computed now)."""
+        if self.method != "lawa":
+            return self.average[name]
+        total = self.window[0][name].clone()
+        for snapshot in self.window[1:]:
+            total.add_(snapshot[name])
+        return total.div_(len(self.window))
 
     def _float32_copy(self, p):
         p = local(p).detach()
@@ -222,7 +261,23 @@ class WeightAveraging(TrainerCallback):
 
     @torch.no_grad()
     def update(self):
-        """Add the current weights to the average (SWA) or move the average towards them (EMA)."""
+        """Add the current weights to the average (SWA) or move the average towards them (EMA); LAWA:
+        add a snapshot to the window, the oldest leaving it (its memory is reused) once it holds k."""
+        if self.method == "lawa":
+            self.admit_new_parameters()
+            names = [n for n, p in self.params.items() if p.requires_grad or (self.window and n in self.window[-1])]
+            if len(self.window) == self.k:
+                snapshot = self.window.pop(0)
+                for n in names:
+                    if n in snapshot:
+                        snapshot[n].copy_(local(self.params[n]).detach())
+                    else:
+                        snapshot[n] = self._float32_copy(self.params[n])
+                self.window.append(snapshot)
+            else:
+                self.window.append({n: self._float32_copy(self.params[n]) for n in names})
+            self.count += 1
+            return
         if not self.average:
             self.average = {n: self._float32_copy(p) for n, p in self.params.items() if p.requires_grad}
             self.count = 1
@@ -242,8 +297,8 @@ class WeightAveraging(TrainerCallback):
         """Put the averaged weights into `model`, each by name, and recompute its BatchNorm statistics."""
         reshard(model)
         params = dict(model.named_parameters())
-        for name, a in self.average.items():
-            local(params[name]).copy_(a)
+        for name in self.names():
+            local(params[name]).copy_(self.value(name))
         if self.batchnorm_batches is not None:
             recompute_batchnorm(model, self.batchnorm_batches)
 
@@ -253,7 +308,7 @@ class WeightAveraging(TrainerCallback):
         buffers and random streams are exactly what they were."""
         reshard(model)
         params = {n: local(p) for n, p in model.named_parameters()}
-        live = {n: params[n].detach().to("cpu" if self.on_cpu else params[n].device, copy=True) for n in self.average}
+        live = {n: params[n].detach().to("cpu" if self.on_cpu else params[n].device, copy=True) for n in self.names()}
         buffers = {k: b.clone() for k, b in _batchnorm_buffers(model).items()}
         try:
             with preserved_rng_state():
@@ -281,18 +336,24 @@ class WeightAveraging(TrainerCallback):
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The average by name; under FSDP2, this process's rows of it (`ShardedTensor`)."""
+        """The average by name (LAWA: each snapshot of the window, ``averaging.<i>.<name>``, oldest
+        first); under FSDP2, this process's rows of it (`ShardedTensor`)."""
+        stored = {f"averaging.{n}": a for n, a in self.average.items()}
+        for i, snapshot in enumerate(self.window):
+            stored.update({f"averaging.{i}.{n}": a for n, a in snapshot.items()})
         tensors = {}
-        for n, a in self.average.items():
+        for key, a in stored.items():
             a = a.detach().cpu().contiguous()
-            p = self.params.get(n)
-            tensors[f"averaging.{n}"] = ShardedTensor(a, rows_of(p)) if is_sharded(p) else a
+            p = self.params.get(key.split(".", 2)[-1] if self.method == "lawa" else key[len("averaging."):])
+            tensors[key] = ShardedTensor(a, rows_of(p)) if is_sharded(p) else a
         meta = {
             "averaging_version": STATE_VERSION,
             "averaging": self.method,
             "averaging_count": str(self.count),
-            "averaging_names": json.dumps(list(self.average)),
+            "averaging_names": json.dumps(self.names()),
         }
+        if self.method == "lawa":
+            meta["averaging_window"] = str(len(self.window))
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, str]):
@@ -302,9 +363,13 @@ class WeightAveraging(TrainerCallback):
                 f"{self.method!r}; resume with the checkpoint's flat_method."
             )
         self.count = int(meta["averaging_count"])
+        slots = int(meta["averaging_window"]) if "averaging_window" in meta else None
+        if slots is not None and slots > self.k:
+            raise ValueError(f"The checkpoint's LAWA window holds {slots} snapshots but lawa_k={self.k}: resume with "
+                             f"lawa_k={slots} or more.")
         # the rows this process needs are taken when training begins and the model's layout is known
-        self._restored = (tensors, json.loads(meta["averaging_names"]))
-        self.average = {}
+        self._restored = (tensors, json.loads(meta["averaging_names"]), slots)
+        self.average, self.window = {}, []
 
 
 def _batchnorm_buffers(model):
@@ -327,4 +392,6 @@ def build_averaging(args, batchnorm_batches=None) -> WeightAveraging | None:
         decay=args.ema_decay,
         on_cpu=args.average_on_cpu,
         batchnorm_batches=batchnorm_batches,
+        k=args.lawa_k,
+        cycle=args.swa_cycle_steps,
     )

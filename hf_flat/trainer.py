@@ -46,8 +46,10 @@ from .args import (
     FlatArgumentsMixin, FlatTrainingArguments, deepspeed_refusal, flat_arguments_class, fsdp1_refusal, sharded_scope_refusal,
 )
 from .averaging import build_averaging
+from .methods.two_pass import start_step
 from .state_file import is_sharded_state, load_flat_state, save_flat_state, save_shard_file
 from .methods import MESA, SAF, build_perturbation, build_trajectory
+from .swa_schedule import SWASchedule
 from .methods.saf import INDEX_KEY, IndexedCollator, IndexedDataset
 from .methods.trajectory import logits_of, returns_loss_first
 
@@ -331,6 +333,20 @@ class FlatTrainer(Trainer):
                 "distributed loading), which the Trainer runs without Accelerate's FSDP: load the model whole and "
                 "pass fsdp='full_shard' with fsdp_config={'version': 2} to the training arguments."
             )
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's scheduler; with ``swa_lr``, wrapped in SWA's schedule from averaging's
+        first step on (`hf_flat.swa_schedule`)."""
+        if isinstance(self.lr_scheduler, SWASchedule):  # a later train(): wrap the Trainer's own anew
+            self.lr_scheduler = self.lr_scheduler.scheduler
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.args.swa_lr is None or self.averaging is None:
+            return scheduler
+        self.lr_scheduler = SWASchedule(
+            scheduler, start_step(self.args.average_start, num_training_steps), self.args.swa_lr,
+            self.args.swa_anneal_steps, self.args.swa_anneal_strategy, self.args.swa_cycle_steps,
+        )
+        return self.lr_scheduler
 
     # ---- averaged weights -------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):

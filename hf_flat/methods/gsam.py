@@ -96,6 +96,8 @@ def learning_rate_range(trainer) -> tuple[float, float]:
     optimizer steps (of its first parameter group). Every ``lr_scheduler_type`` of the Trainer
     is a `LambdaLR`; another scheduler is refused."""
     scheduler = trainer.lr_scheduler
+    swa = scheduler if hasattr(scheduler, "lr_at") else None  # SWA's schedule (hf_flat.swa_schedule) around the Trainer's
+    scheduler = swa.scheduler if swa is not None else scheduler
     if not isinstance(scheduler, LambdaLR):
         raise ValueError(
             f"gsam_rho_min={trainer.args.gsam_rho_min!r} makes rho follow the learning rate between its smallest and "
@@ -103,5 +105,8 @@ def learning_rate_range(trainer) -> tuple[float, float]:
             f"the Trainer); this run's scheduler is a {type(scheduler).__name__}. Set gsam_rho_min=None (constant rho)."
         )
     base = scheduler.base_lrs[0]
-    rates = [base * scheduler.lr_lambdas[0](t) for t in range(trainer.state.max_steps)]
+    rates = [base * scheduler.lr_lambdas[0](t) for t in range(trainer.state.max_steps)]  # step t + 1's rate
+    if swa is not None:  # from its start on, SWA's rates (from the Trainer's rate at that step)
+        start = min(swa.start, len(rates))
+        rates = rates[: start - 1] + [swa.lr_at(t, rates[start - 1]) for t in range(start, trainer.state.max_steps + 1)]
     return min(rates), max(rates)
