@@ -166,7 +166,7 @@ def main(out_dir, runs):
             model.load_state_dict(initial.state_dict())
         collator, recorder = RecordingCollator(), Recorder()
         extra = dict(num_train_epochs=2, save_strategy="steps", save_steps=2)
-        if method in ("swa", "ema", "wasam") or "+" in method:
+        if method in ("swa", "ema", "lawa", "wasam") or "+" in method:
             extra.update(average_start=0.5, average_freq=1)
         if method == "saf":
             extra.update(saf_past_epochs=1, saf_start_epoch=1)

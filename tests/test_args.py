@@ -30,7 +30,8 @@ def test_hf_argument_parser_gives_the_flags():
     assert (args.flat_method, args.sam_rho, args.asam_eta, args.flat_perturbation) == ("asam", 0.5, 0.0, "asam")
 
 
-@pytest.mark.parametrize("value", ["sgd", "", "sam+", "swa+sam", "sam+asam", "swa+ema", "wasam+ema", "sam+saf", "saf+mesa", "gsam"])
+@pytest.mark.parametrize("value", ["sgd", "", "sam+", "swa+sam", "sam+asam", "swa+ema", "wasam+ema", "sam+saf", "saf+mesa",
+                                   "lookahead", "lawa+swa"])
 def test_unknown_or_unimplemented_flat_method(value):
     with pytest.raises(ValueError) as err:
         make(flat_method=value)
@@ -38,9 +39,10 @@ def test_unknown_or_unimplemented_flat_method(value):
     assert f"flat_method={value!r}" in message
     for name in accepted_flat_methods():
         assert name in message
+    perturbations = ["sam", "asam", "avg_sam", "gsam", "looksam", "esam", "saf", "mesa"]
     assert accepted_flat_methods() == [
-        "none", "sam", "asam", "avg_sam", "saf", "mesa", "swa", "ema", "sam+swa", "sam+ema", "asam+swa", "asam+ema",
-        "avg_sam+swa", "avg_sam+ema", "saf+swa", "saf+ema", "mesa+swa", "mesa+ema", "wasam",
+        "none", *perturbations, "swa", "ema", "lawa",
+        *(f"{p}+{a}" for p in perturbations for a in ("swa", "ema", "lawa")), "wasam",
     ]
 
 

@@ -147,8 +147,8 @@ def test_check_flat_arguments_catches_values_set_after_construction():
     args.sam_rho = -1
     with pytest.raises(ValueError, match=r"sam_rho=-1 is not allowed: it must be a finite number > 0"):
         args.check_flat_arguments()
-    args.sam_rho, args.flat_method = 0.05, "gsam"
-    with pytest.raises(ValueError, match=r"flat_method='gsam' is not supported"):
+    args.sam_rho, args.flat_method = 0.05, "lookahead"
+    with pytest.raises(ValueError, match=r"flat_method='lookahead' is not supported"):
         args.check_flat_arguments()
     args = TrainingArguments("out", fsdp="full_shard", report_to="none", use_cpu=True)
     args.flat_method, args.sam_m = "asam", 2

@@ -40,7 +40,9 @@ HF_PAIRS = [(BERT_SAM, BERT_DDP), (GPT2_MESA, GPT2_DDP), (T5_SWA, T5_DDP)]
 # GSAM and LookSAM under FSDP (one perturbation per step) beside the same n-SAM runs under DDP
 GSAM, GSAM_DDP = "gsam:2:0.05:gsam_alpha=0.5", "gsam:2:0.05:gsam_alpha=0.5,ddp=1,sam_scope=step"
 LOOKSAM, LOOKSAM_DDP = "looksam:1:0.05:looksam_k=3,resume=4", "looksam:1:0.05:looksam_k=3,ddp=1"
-FAMILY_PAIRS = [(GSAM, GSAM_DDP), (LOOKSAM, LOOKSAM_DDP)]
+# LAWA's window kept as rows (the final window, steps 4-8, holds step 4, from before the resume)
+LAWA, LAWA_DDP = "lawa:1:0.0:resume=4", "lawa:1:0.0:ddp=1"
+FAMILY_PAIRS = [(GSAM, GSAM_DDP), (LOOKSAM, LOOKSAM_DDP), (LAWA, LAWA_DDP)]
 RUNS = [SAM, ASAM, AVG_SAM, SWA, SWA_DDP, EMA, EMA_DDP, WASAM, MESA, MESA_DDP, SAF, SAF_DDP, OVERFLOW,
         *(run for pair in HF_PAIRS + FAMILY_PAIRS for run in pair)]
 # 3 processes resume SWA's 2-process checkpoint-4 (copied into this run's folder)
@@ -190,7 +192,7 @@ def test_each_rank_keeps_the_average_of_its_own_rows_only(fsdp_results):
     assert sum(r["average_bytes"] for r in ranks) == whole
 
 
-@pytest.mark.parametrize("run", [SWA, EMA, WASAM, MESA, LOOKSAM])
+@pytest.mark.parametrize("run", [SWA, EMA, WASAM, MESA, LOOKSAM, LAWA])
 def test_resuming_under_fsdp_is_exact(fsdp_results, run):
     results = fsdp_results[run]
     last = fsdp_results["out"] / run_folder(run) / f"checkpoint-{results[0]['run']['global_step']}"
