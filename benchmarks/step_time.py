@@ -77,6 +77,7 @@ PRESETS = {
     "swa": {"flat_method": "swa", "average_start": 0.0},  # one snapshot per epoch
     "swa_every_step": {"flat_method": "swa", "average_start": 0.0, "average_freq": 1},
     "ema": {"flat_method": "ema", "average_start": 0.0},
+    "lawa": {"flat_method": "lawa", "average_start": 0.0, "average_freq": 1},  # a snapshot every step, window 5
     "wasam": {"flat_method": "wasam", "average_start": 0.0},
     # the trajectory term is on from the second epoch (SAF) / the first step (MESA)
     "saf": {"flat_method": "saf", "saf_start_epoch": 1, "saf_past_epochs": 1},
