@@ -3,13 +3,16 @@
     hf-flat interpolate MODEL_A MODEL_B --data digits --output_dir out/interp
     hf-flat plane MODEL --data glue --data_config sst2 --eval_split validation --output_dir out/plane
     hf-flat sharpness MODEL --data my_data.csv --rho 0.05 --m 128 --n 4 --output_dir out/sharp
+    hf-flat soup MODEL_1 MODEL_2 MODEL_3 [--greedy --data my_data --metric accuracy] --output_dir out/soup
     hf-flat compare --script examples/vit/run_vit.py --methods none sam ... (see `hf-flat compare -h`)
 
 MODEL is a `save_pretrained` folder or a Trainer checkpoint (with `--weights averaged`, the SWA /
 EMA / WASAM average a checkpoint holds). --data is `digits` (built in), a local CSV / JSON file
 (used as both the train and the test set) or folder (train.csv, test.csv), an image folder, or a
 `datasets` name; text and images are processed with the model folder's own tokenizer / image
-processor. Every number goes to `<output_dir>/results.json`, the plots to PNG files beside it.
+processor. Every number goes to `<output_dir>/results.json`, the plots to PNG files beside it;
+`soup` also saves the averaged model there (a save_pretrained folder with the first model's
+tokenizer / image processor).
 """
 
 import argparse
@@ -99,10 +102,12 @@ def model_name(path, weights="live") -> str:
     return f"{name} (averaged weights)" if weights == "averaged" else name
 
 
-def data_arguments(parser):
-    parser.add_argument("--data", required=True,
-                        help="'digits', a local CSV/JSON file (both train and test set) or folder of train.*/test.* "
-                             "files, an image folder, or a datasets name")
+DATA_HELP = ("'digits', a local CSV/JSON file (both train and test set) or folder of train.*/test.* files, an image "
+             "folder, or a datasets name")
+
+
+def data_arguments(parser, data_required=True, data_help=DATA_HELP, output_help="where results.json and the plots go"):
+    parser.add_argument("--data", required=data_required, default=None, help=data_help)
     parser.add_argument("--data_config", default=None, help="the datasets configuration, e.g. 'sst2' for glue (default: none)")
     parser.add_argument("--train_split", default="train", help="the split used as the training set")
     parser.add_argument("--eval_split", default="test", help="the test split ('validation' is taken if there is no test)")
@@ -116,7 +121,7 @@ def data_arguments(parser):
     parser.add_argument("--batch_size", type=int, default=128, help="examples per evaluation batch")
     parser.add_argument("--max_train_samples", type=int, default=None, help="use the first N training examples (default: all)")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="use the first N test examples (default: all)")
-    parser.add_argument("--output_dir", required=True, help="where results.json and the plots go")
+    parser.add_argument("--output_dir", required=True, help=output_help)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random directions and batches")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
 
@@ -127,6 +132,10 @@ def weights_argument(parser, two_models=False):
             "hf_flat_state.safetensors" + ("; one value for both models, or one for A and one for B" if two_models else ""))
     parser.add_argument("--weights", choices=("live", "averaged"), default="live", nargs="+" if two_models else None,
                         help=help)
+
+
+#: --metric of `hf-flat soup`, as `evaluate` reports them: accuracy (higher is better), loss (lower is better).
+SOUP_METRICS = ("accuracy", "loss")
 
 
 def build_parser():
@@ -162,6 +171,28 @@ def build_parser():
     p.add_argument("--hessian_iterations", type=int, default=20, help="power iterations for the Hessian eigenvalue")
     weights_argument(p)
     data_arguments(p)
+
+    p = commands.add_parser("soup", help="average fine-tuned models of one architecture into one: the uniform or "
+                            "greedy model soup", formatter_class=HelpFormatter,
+                            description="Model soups (Wortsman et al., ICML 2022, arXiv 2203.05482): the uniform soup "
+                            "averages every model; --greedy adds the models best first and keeps each only if the "
+                            "soup's held-out score does not get worse. BatchNorm statistics are recomputed on the "
+                            "training data. The soup is saved to --output_dir as a save_pretrained folder.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="two or more save_pretrained folders or checkpoints of one architecture and size")
+    p.add_argument("--greedy", action="store_true",
+                   help="the greedy soup (Recipe 1): needs --data; the models are ranked, and each addition tested, "
+                        "on the --eval_split")
+    p.add_argument("--metric", choices=SOUP_METRICS, default=None,
+                   help="with --greedy: the score that ranks the models and decides the additions, on the "
+                        "--eval_split: accuracy (higher is better) or loss (lower is better); default: accuracy")
+    p.add_argument("--weights", choices=("live", "averaged"), default="live", nargs="+",
+                   help="'live': the weights as saved; 'averaged': the SWA / EMA / WASAM average in a checkpoint's "
+                        "hf_flat_state.safetensors; one value for all models, or one per model")
+    data_arguments(p, data_required=False,
+                   data_help=DATA_HELP + ". Optional for a uniform soup of models without BatchNorm; the models and "
+                   "the soup are scored on its --eval_split, and BatchNorm statistics recomputed on its --train_split",
+                   output_help="where the soup (a save_pretrained folder) and results.json go")
 
     p = commands.add_parser("compare", help="train and compare flat-minima methods with an example script "
                             "(see `hf-flat compare -h`)", add_help=False)
@@ -256,6 +287,148 @@ def plane_summary(result, name) -> list[str]:
     return lines
 
 
+def named_scores(result) -> dict:
+    """`evaluate`'s result with the metric called by its name: {"loss": ..., "accuracy": ...}."""
+    return {"loss": result["loss"], **({"accuracy": result["metric"]} if "metric" in result else {})}
+
+
+def save_processors(source, output_dir) -> list[str]:
+    """Save `source`'s tokenizer (when it has tokenizer files) and copy its preprocessor_config.json
+    (image processor / feature extractor) into `output_dir`, where `prepare` and users look for them;
+    return what was saved."""
+    import shutil
+
+    saved = []
+    if any(os.path.isfile(os.path.join(source, n)) for n in ("tokenizer_config.json", "tokenizer.json")):
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source).save_pretrained(output_dir)
+        saved.append("tokenizer")
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), os.path.join(output_dir, name))
+            saved.append(name)
+    return saved
+
+
+def run_soup(args) -> dict:
+    """`hf-flat soup`: the uniform or greedy soup of the models (`hf_flat.analysis.soups`), saved to
+    --output_dir with results.json: each model's and the soup's scores (with --data), the
+    ingredients and, for --greedy, every step."""
+    from .analysis import check_soup_compatible, evaluate, greedy_soup, uniform_soup
+    from .analysis.soups import SoupMismatchError
+    from .averaging import recompute_batchnorm
+
+    paths = args.models
+    if len(paths) < 2:
+        raise UsageError(f"one model given ({paths[0]}): a soup averages two or more models.")
+    weights = args.weights if isinstance(args.weights, list) else [args.weights]
+    if len(weights) not in (1, len(paths)):
+        raise UsageError(f"--weights {' '.join(weights)}: give one value for all models, or one per model ({len(paths)}).")
+    weights = weights * len(paths) if len(weights) == 1 else weights
+    for path, which in zip(paths, weights):
+        model_folder(path)
+        if which == "averaged":
+            flat_state_file(path)
+    if args.greedy and args.data is None:
+        raise UsageError("--greedy ranks the models and tests each addition on held-out data: pass --data "
+                         "(its --eval_split scores them).")
+    if args.metric is not None and not args.greedy:
+        raise UsageError(f"--metric {args.metric} ranks the models for --greedy; a uniform soup averages them all "
+                         "(with --data, results.json holds every model's loss and accuracy): add --greedy or drop --metric.")
+    for option, value in (("--batch_size", args.batch_size), ("--max_train_samples", args.max_train_samples),
+                          ("--max_eval_samples", args.max_eval_samples)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} {value}: give a positive number.")
+    output = os.path.abspath(args.output_dir)
+    if any(os.path.abspath(path) == output for path in paths):
+        raise UsageError(f"--output_dir {args.output_dir} is one of the models: write the soup to another folder.")
+    metric = args.metric or "accuracy"
+    os.makedirs(args.output_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+    data = prepare(args, paths[0]) if args.data is not None else None
+    train_batches = data["train"][1] if data else None
+    notes = data["notes"] if data else []
+
+    work = load_model(paths[0], args.device)  # the soup is made in (and saved from) the first model
+    if has_batchnorm(work) and data is None:
+        raise UsageError(f"{paths[0]} has BatchNorm layers, whose running statistics are recomputed for the soup's "
+                         "weights: pass --data (its --train_split is used).")
+    states, described = [], {}
+    for i, (path, which) in enumerate(zip(paths, weights)):
+        model = work if i == 0 else load_model(path, args.device)
+        described[path] = load_average(model, path) if which == "averaged" else "live (as saved)"
+        if which == "averaged" and has_batchnorm(model) and train_batches is not None:
+            recompute_batchnorm(model, train_batches)  # (no data: refused above, or a mismatch refused below)
+        states.append({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+        del model
+        print(f"weights of {path}: {described[path]}")
+    try:
+        check_soup_compatible(states, names=paths)
+    except SoupMismatchError as error:
+        raise UsageError(f"these models do not make a soup: {error}") from None
+
+    def score(model):
+        """The model's loss and accuracy on the --eval_split."""
+        result = named_scores(evaluate(model, data["eval"][1]))
+        if args.greedy and metric not in result:
+            raise UsageError(f"--metric {metric}: {paths[0]} gives no class logits to score (a regression head?); "
+                             "use --metric loss.")
+        return result
+
+    results = {"command": "soup", "arguments": vars(args), "recipe": "greedy" if args.greedy else "uniform",
+               "models": paths, "weights": described, "output_model": args.output_dir}
+    if data is not None:
+        results.update(eval_split=args.eval_split, max_length=data["max_length"])
+    if args.greedy:
+        results.update(metric=metric, higher_is_better=metric != "loss")
+    summary = []
+    if args.greedy:
+        soup, record = greedy_soup(states, score, higher_is_better=metric != "loss", model=work,
+                                   batchnorm_batches=train_batches, names=paths, key=metric)
+        results["candidates"] = [{"model": c["name"], **c["result"]} for c in record["candidates"]]
+        results["greedy"] = {"order": record["order"],
+                             "steps": [{k: v for k, v in step.items() if k != "soup_result"}
+                                       | {"soup": step.get("soup_result")} for step in record["steps"]]}
+        results["ingredients"] = record["ingredients"]
+        results["soup"] = record["result"]
+        uniform_soup(states, model=work, batchnorm_batches=train_batches, names=paths)
+        results["uniform_soup"] = score(work)  # for comparison; the greedy soup is what is saved
+        work.load_state_dict(soup)
+        notes.append(f"the greedy soup chose its ingredients by their {metric} on the '{args.eval_split}' split, so "
+                     "its score there is optimistic; with a validation split, pass --eval_split validation and "
+                     "measure the soup on the test split afterwards")
+        summary += [f"greedy: {step['candidate']}: {step['decision']}" for step in record["steps"]]
+    else:
+        if data is not None:
+            candidates = []
+            for path, state in zip(paths, states):
+                work.load_state_dict(state)
+                candidates.append({"model": path, **score(work)})
+            results["candidates"] = candidates
+        uniform_soup(states, model=work, batchnorm_batches=train_batches, names=paths)
+        results["ingredients"] = list(paths)
+        if data is not None:
+            results["soup"] = score(work)
+    summary = [f"{c['model']}: " + ", ".join(f"{k} {_f(v)}" for k, v in c.items() if k != "model")
+               for c in results.get("candidates", [])] + summary
+    summary.append(f"{results['recipe']} soup of {len(results['ingredients'])} of {len(paths)} models"
+                   + (": " + ", ".join(f"{k} {_f(v)}" for k, v in results["soup"].items()) if "soup" in results else ""))
+    if "uniform_soup" in results:
+        summary.append("uniform soup of all, for comparison: "
+                       + ", ".join(f"{k} {_f(v)}" for k, v in results["uniform_soup"].items()))
+
+    work.save_pretrained(args.output_dir)
+    results["saved_processors"] = save_processors(paths[0], args.output_dir)
+    results["notes"] = notes
+    for line in [f"note: {note}" for note in notes] + summary:
+        print(line)
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote the soup and {os.path.join(args.output_dir, 'results.json')}")
+    return results
+
+
 def run(argv=None) -> dict:
     """Parse `argv`, run the analysis, write results.json and the plots; return the results."""
     from .analysis import asymmetry_factor, interpolate, plane, sharpness, top_hessian_eigenvalue
@@ -266,6 +439,8 @@ def run(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.command == "compare":
         raise UsageError("run `hf-flat compare ...` through main(), the console entry point.")
+    if args.command == "soup":
+        return run_soup(args)
     paths = [args.model_a, args.model_b] if args.command == "interpolate" else [args.model]
     weights = args.weights if isinstance(args.weights, list) else [args.weights]
     if len(weights) > len(paths):
