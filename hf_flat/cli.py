@@ -420,12 +420,18 @@ def run_soup(args) -> dict:
 
     work.save_pretrained(args.output_dir)
     results["saved_processors"] = save_processors(paths[0], args.output_dir)
+    return finish(args.output_dir, results, notes, summary, "wrote the soup and ")
+
+
+def finish(output_dir, results, notes, summary, wrote="wrote ") -> dict:
+    """Print the notes and the summary, write `results` (with the notes) to results.json."""
     results["notes"] = notes
     for line in [f"note: {note}" for note in notes] + summary:
         print(line)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+    path = os.path.join(output_dir, "results.json")
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"wrote the soup and {os.path.join(args.output_dir, 'results.json')}")
+    print(f"{wrote}{path}")
     return results
 
 
@@ -550,13 +556,7 @@ def run(argv=None) -> dict:
             shown = {k: v for k, v in results[key].items() if k != "rises"}
             summary.append(f"{key}: {shown}")
 
-    results["notes"] = notes
-    for line in [f"note: {note}" for note in notes] + summary:
-        print(line)
-    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {os.path.join(args.output_dir, 'results.json')}")
-    return results
+    return finish(args.output_dir, results, notes, summary)
 
 
 if __name__ == "__main__":
