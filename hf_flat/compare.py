@@ -25,9 +25,13 @@ first seed; the best combination on the held-out metric is then run with every s
 evaluation set. A method whose tuning runs all fail is left out of the table and counted as failed.
 
 The table: the baseline (the first method) as mean +- standard error over seeds; every other
-method as its difference to the baseline +- the standard error of that difference,
-``sqrt(se_method^2 + se_baseline^2)``; in bold the best method and every method whose mean is
-within one standard error (the best method's) of the best. ``--percent auto`` shows a metric x 100
+method as its difference to the baseline +- the unpaired standard error of that difference,
+``sqrt(se_method^2 + se_baseline^2)``, and, in the last column, the paired difference: the mean of
+the per-seed differences d_s = method_s - baseline_s over the seeds both ran, +- sd(d_s) / sqrt(n).
+Every method runs on the same seeds and a seed fixes initialisation and data order, so the paired
+SE is the one that measures the difference; seeds one side lacks (a failed run) are left out of
+the pair, and the output names them. In bold: the best method, and every method whose per-seed
+gap to the best, averaged over their common seeds, is within one paired SE of zero. ``--percent auto`` shows a metric x 100
 when its name says it is a fraction (accuracy, f1, exact_match, matthews, pearson, ...) and every
 value lies in [-1, 1]; losses and other metrics are shown as they are. Warnings a run's
 ``all_results.json`` records in ``flat_warnings`` (such as an averaging run that took a single
@@ -300,24 +304,89 @@ def mean_and_se(values):
     return mean, math.sqrt(var / n)
 
 
+def _by_seed(values):
+    """{seed: score} from a dict, or from a list read as seeds 0, 1, 2, ... by position."""
+    return dict(values) if isinstance(values, dict) else dict(enumerate(values))
+
+
+def paired_difference(a: dict, b: dict):
+    """Mean and standard error of the per-seed differences a[s] - b[s] over the seeds both have,
+    and those seeds: the paired comparison (SE = sd(d_s) / sqrt(n); 0 for one seed, nan for none)."""
+    common = sorted(set(a) & set(b))
+    mean, se = mean_and_se([a[s] - b[s] for s in common])
+    return mean, se, common
+
+
+#: The table's legend, printed under it and written into comparison.md / comparison.json.
+LEGEND = (
+    "Baseline: mean ± standard error over seeds. Other methods: difference of means to the baseline ± the "
+    "unpaired SE, sqrt(se_method² + se_baseline²). Paired: mean of the per-seed differences d_s = method_s − "
+    "baseline_s over the seeds both ran ± the paired SE, sd(d_s) / √n, with the number of seeds paired (every "
+    "method runs on the same seeds, which fix initialisation and data order). Bold uses the paired SE: the best "
+    "method, and every method whose per-seed gap to the best, averaged over their common seeds, is within one "
+    "paired SE of it."
+)
+
+
 def table(scores: dict, lower_is_better=False):
-    """Rows of the table from {method: [score per seed]} (first method = baseline)."""
-    methods = list(scores)
-    stats = {m: mean_and_se(v) for m, v in scores.items()}
-    valid = [m for m in methods if scores[m]]
+    """Rows of the table from {method: {seed: score}} (or {method: [score per seed]}, seeds by
+    position; the first method is the baseline). Each row: `mean`, `se`, `n`, `seeds`; other
+    methods also `difference` / `difference_se` (difference of means, unpaired SE) and
+    `paired_difference` / `paired_difference_se` / `paired_seeds` (per-seed differences over the
+    seeds both ran). `bold`: the best method, and every method whose paired gap to the best
+    (`behind_best`, over `behind_best_seeds`) is at most its paired SE (`behind_best_se`); with no
+    seed in common with the best, the best's own SE is used (`bold_rule` says which)."""
+    by_seed = {m: _by_seed(v) for m, v in scores.items()}
+    methods = list(by_seed)
+    stats = {m: mean_and_se(list(v.values())) for m, v in by_seed.items()}
+    valid = [m for m in methods if by_seed[m]]
     sign = -1 if lower_is_better else 1
     best = max(valid, key=lambda m: sign * stats[m][0]) if valid else None
-    base_mean, base_se = stats[methods[0]]
+    base = methods[0]
+    base_mean, base_se = stats[base]
     rows = []
     for m in methods:
         mean, se = stats[m]
-        bold = bool(scores[m]) and best is not None and sign * (stats[best][0] - mean) <= stats[best][1]
-        row = {"method": m, "n": len(scores[m]), "mean": mean, "se": se, "bold": bold}
-        if m != methods[0]:
+        row = {"method": m, "n": len(by_seed[m]), "seeds": sorted(by_seed[m]), "mean": mean, "se": se, "bold": False}
+        if by_seed[m] and best is not None:
+            gap, gap_se, common = paired_difference(by_seed[best], by_seed[m])
+            if m == best:
+                row["bold"], row["bold_rule"] = True, "best"
+            elif common:
+                row.update(behind_best=sign * gap, behind_best_se=gap_se, behind_best_seeds=common)
+                row["bold"], row["bold_rule"] = sign * gap <= gap_se, "paired"
+            else:  # nothing to pair with: the best's own standard error, as before
+                row["bold"], row["bold_rule"] = sign * (stats[best][0] - mean) <= stats[best][1], "unpaired"
+        if m != base:
             row["difference"] = mean - base_mean
             row["difference_se"] = math.sqrt(se**2 + base_se**2)
+            d, d_se, common = paired_difference(by_seed[m], by_seed[base])
+            row.update(paired_difference=d, paired_difference_se=d_se, paired_seeds=common)
         rows.append(row)
     return rows
+
+
+def pairing_notes(rows):
+    """Lines naming what was paired where a method's seeds differ from the baseline's or the best's."""
+    notes = []
+    if not rows:
+        return notes
+    base = rows[0]
+    for r in rows[1:]:
+        if r["n"] and set(r["seeds"]) != set(base["seeds"]):
+            lacks = [f"{who['method']} lacks seed(s) {', '.join(map(str, missing))}" for who, missing in (
+                (r, sorted(set(base["seeds"]) - set(r["seeds"]))), (base, sorted(set(r["seeds"]) - set(base["seeds"]))))
+                if missing]
+            used = ", ".join(map(str, r["paired_seeds"])) or "none"
+            notes.append(f"{r['method']} vs {base['method']}: {'; '.join(lacks)}: paired over the common seeds only ({used})")
+    for r in rows:
+        if r.get("bold_rule") == "paired" and r["behind_best_seeds"] != r["seeds"]:
+            notes.append(f"{r['method']} vs the best method: bold is decided on the common seeds only "
+                         f"({', '.join(map(str, r['behind_best_seeds']))})")
+        elif r.get("bold_rule") == "unpaired":
+            notes.append(f"{r['method']}: no seed in common with the best method; its bold mark uses the best's "
+                         "unpaired SE")
+    return notes
 
 
 def percent_scale(metric, values, mode="auto"):
@@ -331,21 +400,32 @@ def percent_scale(metric, values, mode="auto"):
 
 def markdown(rows, metric, scale=1.0, marked=()):
     """The table as Markdown; scores shown x `scale` (100: percent, 2 decimals; else 4 significant
-    digits). Methods in `marked` get a dagger: their runs logged warnings (listed under the table)."""
+    digits). Methods in `marked` get a dagger: their runs logged warnings (listed under the table).
+    Under the table: the legend (`LEGEND`: which SE each column shows, and that bold uses the
+    paired one) and, where one side lacks seeds, which seeds were paired (`pairing_notes`)."""
     spec = ".2f" if scale == 100 else ".4g"
     header = f"{metric} (%)" if scale == 100 else metric
-    lines = [f"| method | {header} (baseline) / difference to baseline | n |", "|---|---|---|"]
+    lines = [f"| method | {header} (baseline) / difference to baseline ± unpaired SE | n "
+             "| paired difference ± paired SE (seeds) |", "|---|---|---|---|"]
     for i, r in enumerate(rows):
+        paired = "baseline" if i == 0 else "-"
         if r["n"] == 0:
             cell = "all runs failed"
         elif i == 0:
             cell = f"{scale * r['mean']:{spec}} ± {scale * r['se']:{spec}}"
         else:
             cell = f"{scale * r['difference']:+{spec}} ± {scale * r['difference_se']:{spec}}"
+            if r["paired_seeds"]:
+                paired = (f"{scale * r['paired_difference']:+{spec}} ± {scale * r['paired_difference_se']:{spec}} "
+                          f"({len(r['paired_seeds'])})")
         if r["bold"]:
             cell = f"**{cell}**"
         mark = WARNING_MARK if r["method"] in marked else ""
-        lines.append(f"| {r['method']}{mark} | {cell} | {r['n']} |")
+        lines.append(f"| {r['method']}{mark} | {cell} | {r['n']} | {paired} |")
+    lines += ["", LEGEND]
+    notes = pairing_notes(rows)
+    if notes:
+        lines += ["", "Seeds missing on one side:", "", *[f"- {note}" for note in notes]]
     return "\n".join(lines)
 
 
@@ -414,7 +494,7 @@ def compare(args, log):
             chosen[method] = best[1]
             log(f"[tune {method}] chose {_settings_text(best[1])}")
 
-    scores, runs, warnings = {m: [] for m in args.methods}, [], {}
+    scores, runs, warnings = {m: {} for m in args.methods}, [], {}
     todo = [(seed, m) for seed in args.seeds for m in args.methods if chosen[m] is not None]
     for done, (seed, method) in enumerate(todo, 1):
         log(f"[{done}/{len(todo)}] {method} seed {seed} {_settings_text(chosen[method])}")
@@ -425,18 +505,19 @@ def compare(args, log):
         if "failed" in result:
             failures.append(runs[-1])
             continue
-        scores[method].append(result["metrics"][args.metric])
+        scores[method][seed] = result["metrics"][args.metric]
         for message in run_warnings(method, result["metrics"]):
             warnings.setdefault(method, {}).setdefault(message, []).append(result["name"])
 
     rows = table(scores, args.lower_is_better)
-    scale = percent_scale(args.metric, [v for vs in scores.values() for v in vs], args.percent)
+    scale = percent_scale(args.metric, [v for vs in scores.values() for v in vs.values()], args.percent)
     text = report(args, rows, scale, chosen, warnings, failures, runs)
     print(text)
     with open(os.path.join(args.output_dir, "comparison.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.output_dir, "comparison.json"), "w") as f:
-        json.dump({"metric": args.metric, "shown_in_percent": scale == 100, "table": rows, "chosen": chosen,
+        json.dump({"metric": args.metric, "shown_in_percent": scale == 100, "bold_uses": "paired SE",
+                   "legend": LEGEND, "pairing_notes": pairing_notes(rows), "table": rows, "chosen": chosen,
                    "warnings": warnings, "tuning": tuning, "runs": runs, "failures": failures}, f, indent=2)
     with open(os.path.join(args.output_dir, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)

@@ -295,3 +295,74 @@ def batches(dataset, batch_size: int, device="cpu", limit: int | None = None):
             yield {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     return iterate
+
+
+#: What `--label_noise` does, for the scripts' help texts.
+LABEL_NOISE_HELP = (
+    "symmetric label noise on the training split only (Foret et al., SAM, ICLR 2021, section 3.3): exactly "
+    "round(p * N) of the N training examples, chosen at random, get a label drawn uniformly from the other "
+    "classes (never their own), so the realised noise fraction is p up to rounding; the evaluation data and the "
+    "--holdout_fraction split keep their clean labels. Must lie in [0, 1); 0 = no noise")
+LABEL_NOISE_SEED_HELP = ("the seed of the --label_noise draw (which examples, which new labels); default: --seed. "
+                         "The same seed gives the same noisy labels; fix it to keep one noisy data set across seeds")
+
+
+def check_label_noise(fraction, option="--label_noise"):
+    """Refuse a noise fraction outside [0, 1) with a message naming `option` and the value."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise UsageError(f"{option} {fraction!r}: the share of training labels to replace must lie in [0, 1) "
+                         "(0 = clean labels, 0.2 = 20% of them replaced)")
+    return float(fraction)
+
+
+def apply_label_noise(dataset, fraction: float, num_classes: int, seed: int, label_column: str = "labels"):
+    """Symmetric label noise, as in SAM's noisy-label experiments (Foret et al., ICLR 2021, arXiv
+    2010.01412, section 3.3): exactly ``round(fraction * N)`` of the N examples of `dataset`, chosen
+    uniformly without replacement, get a new label drawn uniformly from the ``num_classes - 1``
+    OTHER classes, so every replaced label differs from the original and the realised noise fraction
+    is `fraction` up to rounding. `label_column` holds class ids 0 .. num_classes - 1. The draw uses
+    ``numpy.random.default_rng(seed)`` alone: the same data, fraction and seed give the same noisy labels.
+
+    Apply it to the training split only, after any held-out split is carved off (the example
+    scripts do), so evaluation and held-out labels stay clean.
+
+    Returns ``(noisy dataset, record)``; the dataset keeps its features and format, and the record
+    holds ``label_noise`` (the fraction asked for), ``label_noise_seed``, ``label_noise_flipped``
+    (the number of replaced labels) and ``label_noise_fraction`` (flipped / N, the realised fraction).
+    """
+    fraction = check_label_noise(fraction)
+    record = {"label_noise": fraction, "label_noise_seed": int(seed), "label_noise_flipped": 0,
+              "label_noise_fraction": 0.0}
+    if fraction == 0:
+        return dataset, record
+    if num_classes < 2:
+        raise UsageError(f"--label_noise {fraction}: the data has {num_classes} class(es); a label can only be replaced "
+                         "by another class, so label noise needs two or more")
+    if label_column not in dataset.column_names:
+        raise UsageError(f"--label_noise: the training data has no {label_column!r} column to add noise to "
+                         f"(its columns: {', '.join(dataset.column_names)})")
+    labels = np.asarray(dataset.with_format(None)[label_column])
+    if labels.dtype.kind not in "iu":
+        raise UsageError(f"--label_noise {fraction}: the labels are {labels.dtype} values, not class ids; a regression "
+                         "target (such as STS-B's scores) cannot be flipped: use --label_noise 0")
+    bad = sorted({int(v) for v in labels if not 0 <= v < num_classes})
+    if bad:
+        raise UsageError(f"--label_noise: labels {bad[:5]} are not class ids of {num_classes} classes")
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(n, size=int(round(fraction * n)), replace=False))
+    noisy = labels.copy()
+    # label + k (mod C) with k uniform in 1 .. C-1: uniform over the other classes
+    noisy[chosen] = (labels[chosen] + rng.integers(1, num_classes, size=len(chosen))) % num_classes
+
+    form = dataset.format
+    plain = dataset.with_format(None)
+    feature = plain.features[label_column]
+    out = plain.map(lambda batch, idx: {label_column: [int(noisy[i]) for i in idx]}, batched=True,
+                    with_indices=True, features=plain.features)
+    if form["type"] is not None or form["columns"] is not None:
+        out = out.with_format(form["type"], columns=form["columns"], output_all_columns=form["output_all_columns"],
+                              **form["format_kwargs"])
+    assert out.features[label_column] == feature
+    record.update(label_noise_flipped=len(chosen), label_noise_fraction=len(chosen) / n if n else 0.0)
+    return out, record

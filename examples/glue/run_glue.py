@@ -16,7 +16,10 @@ the model config as label2id / id2label), float labels train a regression, and t
 are those Kaddour et al. report (NeurIPS 2022, arXiv 2202.00661, appendix B.2): Matthews
 correlation for CoLA, Pearson correlation for STS-B (a regression head), accuracy for the others,
 computed locally (no metric download). `--holdout_fraction f` evaluates on a held-out share of the
-training data (for `hf-flat compare --grid`). Every `FlatTrainingArguments` flag works (`--help`);
+training data (for `hf-flat compare --grid`). `--label_noise p` replaces exactly round(p * N)
+training labels by labels of other classes (`hf_flat.data.apply_label_noise`, seeded by
+`--label_noise_seed`, default `--seed`; refused for STS-B and other regression targets); evaluation
+and held-out labels stay clean, and `all_results.json` records the realised `label_noise_fraction`. Every `FlatTrainingArguments` flag works (`--help`);
 JSON configs, resuming, training without evaluation data and `all_results.json` work as in
 `examples/vit/run_vit.py` (`hf_flat.scripts`).
 """
@@ -36,7 +39,7 @@ from transformers import (
 )
 
 from hf_flat import FlatTrainer, FlatTrainingArguments
-from hf_flat.data import sequence_limit
+from hf_flat.data import LABEL_NOISE_HELP, LABEL_NOISE_SEED_HELP, apply_label_noise, check_label_noise, sequence_limit
 from hf_flat.scripts import (
     ScriptError,
     check_evaluation_data,
@@ -83,6 +86,8 @@ class DataArguments:
         "help": "tokens per example (longer ones are truncated); default and cap: the model's limit, the smaller "
                 "of the tokenizer's model_max_length and the config's max_position_embeddings"})
     holdout_fraction: float = field(default=0.0, metadata={"help": "evaluate on this held-out share of the training data"})
+    label_noise: float = field(default=0.0, metadata={"help": LABEL_NOISE_HELP + "; refused for a regression target (STS-B)"})
+    label_noise_seed: int = field(default=None, metadata={"help": LABEL_NOISE_SEED_HELP})
     max_train_samples: int = field(default=None)
     max_eval_samples: int = field(default=None)
 
@@ -282,9 +287,17 @@ def main(argv=None):
     if data_args.task_name is not None and data_args.task_name not in TASKS:
         raise ScriptError(f"--task_name {data_args.task_name!r} is not a GLUE task: use one of {', '.join(TASKS)}, "
                           "or leave it out to train on --train_file's own columns")
+    check_label_noise(data_args.label_noise)
+    if data_args.label_noise and data_args.task_name == "stsb":
+        raise ScriptError(f"--label_noise {data_args.label_noise}: STS-B's labels are similarity scores (a regression "
+                          "target), which cannot be flipped to another class: use --label_noise 0")
     set_seed(training_args.seed)
     train, evaluation, (train_source, eval_source) = load_glue(data_args)
     labels = training_labels(train, data_args, train_source)  # from all of the training data, before any split
+    if data_args.label_noise and labels is None:
+        raise ScriptError(f"--label_noise {data_args.label_noise}: the labels of {train_source} are a regression target "
+                          f"(column {data_args.label_column_name!r} holds numbers, not classes), which cannot be flipped "
+                          "to another class: use --label_noise 0")
     texts = text_columns(train, data_args, train_source)
     train, evaluation = split_and_limit(train, evaluation, data_args, training_args.seed)
     check_evaluation_data(evaluation, training_args, "--validation_file")
@@ -309,11 +322,16 @@ def main(argv=None):
     train = train.map(tokenize, batched=True, remove_columns=train.column_names)
     if evaluation is not None:
         evaluation = evaluation.map(tokenize, batched=True, remove_columns=evaluation.column_names)
+    # after the held-out split (split_and_limit): only the labels the model trains on are replaced
+    noise_seed = training_args.seed if data_args.label_noise_seed is None else data_args.label_noise_seed
+    num_classes = 1 if labels is None else len(labels[0])
+    train, noise = apply_label_noise(train, data_args.label_noise, num_classes, noise_seed)
 
     trainer = FlatTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                           processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
                           compute_metrics=glue_metrics(data_args.task_name, labels is None))
     metrics, warnings = train_and_evaluate(trainer)  # resumes, and evaluates when there is evaluation data
+    metrics.update(noise)
     save_results(trainer, metrics, warnings)
     print(json.dumps({k: v for k, v in metrics.items() if k.startswith("eval_") and "runtime" not in k}))
     return metrics

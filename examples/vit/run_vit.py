@@ -13,7 +13,10 @@ scikit-learn's 8x8 digits (offline) with a small ViT built from a config, sized 
 folders and `datasets` data need a pretrained `--model_name_or_path` with its image processor,
 which is saved with the trained model. `--holdout_fraction f` trains on the rest of the training
 split and evaluates on a held-out f of it (what `hf-flat compare --grid` uses to choose
-hyper-parameters); without evaluation data, pass `--eval_strategy no`. `--resume_from_checkpoint
+hyper-parameters); without evaluation data, pass `--eval_strategy no`. `--label_noise p` replaces
+exactly round(p * N) training labels by labels of other classes (`hf_flat.data.apply_label_noise`,
+seeded by `--label_noise_seed`, default `--seed`); evaluation and held-out labels stay clean, and
+the realised fraction is written as `label_noise_fraction` in `all_results.json`. `--resume_from_checkpoint
 PATH` or `true` resumes, as does an `--output_dir` that already holds checkpoints
 (`hf_flat.scripts.checkpoint_to_resume`). The model and the Trainer's `all_results.json` (with
 `flat_method`, `flat_settings`, `flat_warnings`) / `eval_results.json` land in `--output_dir`.
@@ -42,7 +45,7 @@ from hf_flat.scripts import (
     split_and_limit,
     train_and_evaluate,
 )
-from hf_flat.data import digits_splits
+from hf_flat.data import LABEL_NOISE_HELP, LABEL_NOISE_SEED_HELP, apply_label_noise, check_label_noise, digits_splits
 
 DEFAULTS = dict(
     output_dir="out/vit",
@@ -73,6 +76,8 @@ class DataArguments:
     image_column_name: str = field(default=None, metadata={"help": "default: the first Image column"})
     label_column_name: str = field(default=None, metadata={"help": "default: 'label' (or 'fine_label')"})
     holdout_fraction: float = field(default=0.0, metadata={"help": "evaluate on this held-out share of the training data"})
+    label_noise: float = field(default=0.0, metadata={"help": LABEL_NOISE_HELP})
+    label_noise_seed: int = field(default=None, metadata={"help": LABEL_NOISE_SEED_HELP})
     max_train_samples: int = field(default=None)
     max_eval_samples: int = field(default=None)
 
@@ -133,6 +138,7 @@ def main(argv=None):
     data_args, model_args, training_args = parse_script_args(
         (DataArguments, ModelArguments, FlatTrainingArguments), DEFAULTS, argv
     )
+    check_label_noise(data_args.label_noise)
     set_seed(training_args.seed)
     if model_args.model_name_or_path is None and (data_args.train_dir or data_args.dataset_name != "digits"):
         raise ScriptError("image folders and datasets need --model_name_or_path: a pretrained image classifier (Hub "
@@ -141,6 +147,9 @@ def main(argv=None):
     train, evaluation = split_and_limit(train, evaluation, data_args, training_args.seed)
     check_evaluation_data(evaluation, training_args, "--validation_dir (or a data set with a validation split)")
     num_labels = len(names)
+    # after the held-out split: only the labels the model trains on are replaced
+    noise_seed = training_args.seed if data_args.label_noise_seed is None else data_args.label_noise_seed
+    train, noise = apply_label_noise(train, data_args.label_noise, num_labels, noise_seed)
 
     processor = None
     if model_args.model_name_or_path:
@@ -176,6 +185,7 @@ def main(argv=None):
     trainer = FlatTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                           compute_metrics=accuracy, processing_class=processor)
     metrics, warnings = train_and_evaluate(trainer)
+    metrics.update(noise)
     save_results(trainer, metrics, warnings)
     keys = ("eval_accuracy", "eval_loss", "train_loss", "train_runtime")
     print(json.dumps({"flat_method": training_args.flat_method, **{k: metrics[k] for k in keys if k in metrics}}))
