@@ -100,6 +100,10 @@ def build_parser():
                         "(SCRIPT FILE.json --flag value ...)")
     parser.add_argument("--output_dir", required=True, help="runs go to OUTPUT_DIR/runs, the table beside them")
     parser.add_argument("--python", default=sys.executable, help="the python that runs the script")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of each run (OMP_NUM_THREADS, MKL_NUM_THREADS): floating-point sums, and "
+                        "so the trained weights, depend on it. Default: the CPUs this process may use. Part of the "
+                        "key under which finished runs are reused, and recorded in comparison.json")
     parser.add_argument("--quiet", action="store_true",
                         help="do not stream each run's output to stderr (it is still in its log.txt)")
     return parser
@@ -113,6 +117,10 @@ def parse(argv):
     args = build_parser().parse_args(argv)
     args.extra = extra
     args.grid = _parse_grids(args.grid)
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.threads < 1:
+        raise UserError(f"--threads {args.threads}: must be at least 1")
     return args
 
 
@@ -214,7 +222,7 @@ def check_command(args, log):
 def run_folder(args, name, flags):
     """The run's command (without --output_dir) and its folder `runs/<name>-<hash of the command>`."""
     command = [args.script, *([args.config] if args.config else []), *args.extra, *flags]
-    key = {"script": os.path.abspath(args.script), "arguments": command[1:], "json files": {}}
+    key = {"script": os.path.abspath(args.script), "arguments": command[1:], "json files": {}, "threads": args.threads}
     for path in command[1:]:  # a config's contents are part of the command
         if path.endswith(".json") and os.path.isfile(path):
             with open(path) as f:
@@ -242,7 +250,7 @@ def run_one(args, name, flags, settings, log):
             os.remove(os.path.join(out, stale))
     start = time.time()
     logpath = os.path.join(out, "log.txt")
-    code = _run_logged([args.python, *command, "--output_dir", out], logpath, echo=not args.quiet)
+    code = _run_logged([args.python, *command, "--output_dir", out], logpath, echo=not args.quiet, threads=args.threads)
     seconds = round(time.time() - start, 1)
     if code != 0:
         log(f"  FAILED {name} (exit code {code}) after {seconds} s; see {logpath}")
@@ -256,11 +264,13 @@ def run_one(args, name, flags, settings, log):
     return {**record, "metrics": metrics, "seconds": seconds, "reused": False}
 
 
-def _run_logged(command, logpath, echo):
-    """Run `command`, its output into `logpath` and, with `echo`, to stderr as it comes. Returns the exit code."""
+def _run_logged(command, logpath, echo, threads):
+    """Run `command` on `threads` CPU threads, its output into `logpath` and, with `echo`, to stderr as
+    it comes. Returns the exit code."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(logpath, "wb") as logfile:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         for chunk in iter(lambda: process.stdout.read1(65536), b""):
             logfile.write(chunk)
             if echo:
@@ -516,7 +526,7 @@ def compare(args, log):
     with open(os.path.join(args.output_dir, "comparison.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.output_dir, "comparison.json"), "w") as f:
-        json.dump({"metric": args.metric, "shown_in_percent": scale == 100, "bold_uses": "paired SE",
+        json.dump({"metric": args.metric, "threads": args.threads, "shown_in_percent": scale == 100, "bold_uses": "paired SE",
                    "legend": LEGEND, "pairing_notes": pairing_notes(rows), "table": rows, "chosen": chosen,
                    "warnings": warnings, "tuning": tuning, "runs": runs, "failures": failures}, f, indent=2)
     with open(os.path.join(args.output_dir, "runs.csv"), "w", newline="") as f:

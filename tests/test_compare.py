@@ -195,3 +195,26 @@ def test_help_shows_every_flag_with_its_default(capsys):
         main(["compare", "--help"])
     text = capsys.readouterr().out
     assert "(default: eval_accuracy)" in text and "(default: auto)" in text and "(default: 0.1)" in text
+
+
+def test_each_run_uses_the_same_thread_count_whatever_the_environment(tmp_path, monkeypatch):
+    """The trained weights depend on the number of CPU threads (the order of floating-point sums):
+    compare sets it for every run (default: the CPUs it may use), records it, and keys reuse on it."""
+    import os
+
+    script = tmp_path / "threads.py"
+    script.write_text(FAKE_SCRIPT.replace(
+        'results = {"eval_accuracy": score,', 'results = {"threads": os.environ.get("OMP_NUM_THREADS"), "eval_accuracy": score,'))
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # what the user's shell happens to say is ignored
+    out = tmp_path / "out"
+    argv = ["compare", "--script", str(script), "--methods", "none", "sam", "--seeds", "0", "--output_dir", str(out), "--quiet"]
+    assert main(argv) == 0
+    saved = json.loads((out / "comparison.json").read_text())
+    expected = len(os.sched_getaffinity(0))
+    assert saved["threads"] == expected
+    assert {r["metrics"]["threads"] for r in saved["runs"]} == {str(expected)}
+    folders = {r["folder"] for r in saved["runs"]}
+    assert main([*argv, "--threads", "3"]) == 0
+    saved = json.loads((out / "comparison.json").read_text())
+    assert {r["metrics"]["threads"] for r in saved["runs"]} == {"3"} and saved["threads"] == 3
+    assert not folders & {r["folder"] for r in saved["runs"]}  # not reused from the runs with other threads
