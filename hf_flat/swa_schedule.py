@@ -82,8 +82,7 @@ class SWASchedule:
         return list(self._last_lr)
 
     def state_dict(self):
-        return {"done": self.done, "start_lrs": self.start_lrs, "scheduler": self.scheduler.state_dict(),
-                "start": self.start}
+        return {"done": self.done, "start_lrs": self.start_lrs, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state):
         self.scheduler.load_state_dict(state["scheduler"])

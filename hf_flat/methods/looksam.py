@@ -53,7 +53,7 @@ class LookSAM(TwoPassMethod):
     separate_pass_2 = True
     state_kind = "looksam"
 
-    def __init__(self, rho: float = 0.05, k: int = 5, alpha: float = 0.7, start: float = 0.0, **ignored):
+    def __init__(self, rho: float = 0.05, k: int = 5, alpha: float = 0.7, start: float = 0.0):
         super().__init__(scope="step", start=start, interval=k)
         self.rho, self.k, self.alpha = rho, k, alpha
         self.g_v: dict[str, torch.Tensor] | None = None  # by parameter name: this process's rows of g_v
