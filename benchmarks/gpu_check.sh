@@ -5,6 +5,7 @@
 # ViT-B/16 built from a config, random 224x224 images). Everything goes to one Markdown file.
 #
 #   bash benchmarks/gpu_check.sh [RESULT_FILE]      # default benchmarks/results/gpu_check.md
+#   PRECISIONS=bf16 bash benchmarks/gpu_check.sh    # the benchmark in bf16 only (default: bf16 fp16)
 #
 # Without a CUDA device it still runs to the end: it says so, and the CUDA tests report as skipped.
 # PYTHON picks the interpreter (default python3); hf_flat is imported from this checkout.
@@ -45,7 +46,7 @@ timeout 120 "$python" -m pytest -q -p no:cacheprovider -s tests/test_cuda.py 2>&
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo '```' >> "$result"
 
-for precision in bf16 fp16; do
+for precision in ${PRECISIONS:-bf16 fp16}; do
   {
     echo
     echo "## Step time and peak memory, ViT-B/16 (hidden 768, 12 layers, patch 16), batch 32, $precision"

@@ -72,6 +72,10 @@ import time
 import traceback
 import warnings
 
+# The children are forked after `import torch`: CUDA must not be initialised before the fork, so
+# torch.cuda.is_available() asks NVML (no cuInit) wherever it is called before the first kernel.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_time import machine, rss_mb  # noqa: E402  (the same readings as step_time.py)
 
@@ -407,7 +411,8 @@ def main(argv=None):
               "batch) (FiD: x 100 / passages). Linear assumptions: time per sample and activation memory independent "
               "of the batch (a GPU at batch 100 is far more efficient per sample than this CPU), FiD's cost linear in "
               "the passages (each passage is encoded on its own; the decoder's cross-attention is linear in them), "
-              "fp32 as measured (bf16/fp16 autocast roughly halves the activations).", "",
+              f"precision as measured ({', '.join(sorted({r['precision'] for r in results}))}"
+              + ("; bf16/fp16 autocast roughly halves the activations)." if first["precision"] == "fp32" else ")."), "",
               "| architecture | method | s/sample here | arithmetic | hours | paper-batch peak (GB): arithmetic |",
               "|---|---|---|---|---|---|"]
     for r in results:
