@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# The GPU check, as one command: the CUDA tests (tests/test_cuda.py: fp16 with the real GradScaler,
-# an overflow in pass 1, bf16, SAM / ASAM / averaging / SAF / MESA against the CPU references, peak
-# GPU memory) and the step-time benchmark (plain Trainer vs each method, bf16 and fp16, a
-# ViT-B/16 built from a config, random 224x224 images). Everything goes to one Markdown file.
+# The GPU check, as one command (about 8 minutes on one H100):
+# 1. the CUDA tests (tests/test_cuda.py: fp16 with the real GradScaler, an overflow in pass 1,
+#    bf16, SAM / ASAM / averaging / SAF / MESA against the CPU references, peak GPU memory);
+# 2. the paper-scale runs (benchmarks/paper_scale.py: ViT-B/16, RoBERTa-base and FiD on T5-base at
+#    their real size and the paper's batch in bf16, 4 timed steps per method);
+# 3. the step-time benchmark (plain Trainer vs each method, ViT-B/16 at batch 32, random 224x224
+#    images), in each precision of PRECISIONS (default bf16; "bf16 fp16" adds about 4 minutes).
 #
-#   bash benchmarks/gpu_check.sh [RESULT_FILE]      # default benchmarks/results/gpu_check.md
-#   PRECISIONS=bf16 bash benchmarks/gpu_check.sh    # the benchmark in bf16 only (default: bf16 fp16)
+#   bash benchmarks/gpu_check.sh [RESULT_DIR]      # default benchmarks/results/gpu_check
 #
-# Without a CUDA device it still runs to the end: it says so, and the CUDA tests report as skipped.
-# PYTHON picks the interpreter (default python3); hf_flat is imported from this checkout.
+# RESULT_DIR receives gpu_check.md (everything, as Markdown), paper_scale_cuda.{md,json} and
+# gpu_step_time_<precision>.json. Without a CUDA device it still runs to the end: it says so, and
+# the CUDA tests report as skipped. PYTHON picks the interpreter (default python3); hf_flat is
+# imported from this checkout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-result="${1:-benchmarks/results/gpu_check.md}"
+dir="${1:-benchmarks/results/gpu_check}"
+result="$dir/gpu_check.md"
 python="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-mkdir -p "$(dirname "$result")" benchmarks/results
+mkdir -p "$dir"
 start=$(date +%s)
 
 {
@@ -46,7 +51,17 @@ timeout 120 "$python" -m pytest -q -p no:cacheprovider -s tests/test_cuda.py 2>&
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo '```' >> "$result"
 
-for precision in ${PRECISIONS:-bf16 fp16}; do
+{
+  echo
+  echo "## Paper-scale runs (benchmarks/paper_scale.py), the paper's batch, bf16"
+  echo
+} >> "$result"
+timeout 300 "$python" benchmarks/paper_scale.py --steps 4 --warmup 1 --markdown "$dir/paper_scale_cuda.md" \
+  --output "$dir/paper_scale_cuda.json" > /dev/null 2> "$dir/paper_scale_cuda.log" || status=1
+grep -E "^  [a-z]+ [a-z_0-9]+:|failed" "$dir/paper_scale_cuda.log" | tee -a "$result"
+[ -f "$dir/paper_scale_cuda.md" ] && sed -n '/^| architecture | method | params/,/^$/p' "$dir/paper_scale_cuda.md" >> "$result"
+
+for precision in ${PRECISIONS:-bf16}; do
   {
     echo
     echo "## Step time and peak memory, ViT-B/16 (hidden 768, 12 layers, patch 16), batch 32, $precision"
@@ -54,7 +69,7 @@ for precision in ${PRECISIONS:-bf16 fp16}; do
   } >> "$result"
   timeout 300 "$python" benchmarks/step_time.py --model vit --hidden 768 --layers 12 --batch 32 \
     --steps 10 --warmup 3 --rounds 1 --memory_steps 3 --epoch_steps 5 --"$precision" \
-    --methods plain sam asam swa ema wasam saf mesa gsam looksam esam --output "benchmarks/results/gpu_step_time_$precision.json" \
+    --methods plain sam asam swa ema wasam saf mesa gsam looksam esam --output "$dir/gpu_step_time_$precision.json" \
     2>/dev/null | tee -a "$result"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done

@@ -39,3 +39,35 @@ def test_paper_scale_tiny(tmp_path):
         assert f"| {arch} | {method} |" in text
     assert "paper: 100" in text and "paper: 16" in text and "x 100 passages x grad accum 64" in text
     assert "Extrapolation" in text and "TINY" in text
+
+
+def test_paper_scale_failed_reading_keeps_the_others(tmp_path, capsys):
+    """One reading that fails (here: sam, by an injected error) is reported; the others are still
+    measured and written, and the run ends non-zero. A failed `plain` drops its architecture."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import paper_scale
+
+    real = paper_scale.measure
+
+    def measure(opts, arch, method, what):
+        if method == "sam" or (arch == "roberta" and method == "plain"):
+            raise RuntimeError(f"injected failure of {arch} {method}")
+        return real(opts, arch, method, what)
+
+    out = tmp_path / "ps.json"
+    saved = paper_scale.measure
+    paper_scale.measure = measure  # the forked children inherit it
+    try:
+        try:
+            paper_scale.main(["--tiny", "--archs", "vit", "roberta", "--methods", "plain", "sam", "saf",
+                              "--output", str(out)])
+        except SystemExit as stop:
+            message = str(stop.code)
+        else:
+            raise AssertionError("a failed reading must end the run non-zero")
+    finally:
+        paper_scale.measure = saved
+    assert "vit sam" in message and "roberta plain" in message
+    assert "injected failure of vit sam" in capsys.readouterr().err
+    rows = {(r["arch"], r["method"]) for r in json.loads(out.read_text())["results"]}
+    assert rows == {("vit", "plain"), ("vit", "saf")}
