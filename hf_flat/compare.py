@@ -37,6 +37,17 @@ value lies in [-1, 1]; losses and other metrics are shown as they are. Warnings 
 ``all_results.json`` records in ``flat_warnings`` (such as an averaging run that took a single
 snapshot) mark the method's row with a dagger and are listed under the table.
 
+``--grid METHOD:NAME=V1,V2`` gives one method its own values (ASAM's radii are ten times SAM's),
+replacing a grid of the same name for that method. A method whose grid has a single combination
+(``--grid wasam:sam_rho=0.05``) runs with it and no tuning runs: that is how to fix settings chosen
+elsewhere.
+
+Runs are started ``--jobs`` at a time (default 1), each on ``--threads`` CPU threads (default: the
+CPUs / jobs). Each run is forked from a worker process (``hf_flat/preload.py``, one per job) that
+has executed the script's top-level imports once, which saves the ~7 s that importing torch,
+transformers and datasets takes per run; a forked run gives the numbers a fresh process gives
+(tested to the bit), and ``--fresh_processes`` starts each run as ``python SCRIPT ...`` instead.
+
 A run is reused, and said to be, when a finished run with the same command exists: the script,
 the config file's contents, the arguments after ``--``, the method, the seed and the grid values
 (each command has its own folder, ``runs/<name>-<hash>``). Exit status: 0 when every run worked,
@@ -45,6 +56,7 @@ the config file's contents, the arguments after ``--``, the method, the seed and
 
 import argparse
 import codecs
+import concurrent.futures
 import csv
 import difflib
 import hashlib
@@ -52,7 +64,9 @@ import itertools
 import json
 import math
 import os
+import queue
 import re
+import select
 import subprocess
 import sys
 import time
@@ -90,9 +104,11 @@ def build_parser():
     parser.add_argument("--percent", choices=("auto", "yes", "no"), default="auto",
                         help="show the metric x 100: auto = when its name names a fraction (accuracy, f1, exact_match, "
                         "matthews, pearson, ...) and every value lies in [-1, 1]")
-    parser.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
+    parser.add_argument("--grid", action="append", default=[], metavar="[METHOD:]NAME=V1,V2",
                         help="values to choose from on held-out data, e.g. sam_rho=0.02,0.05,0.1 (repeatable); "
-                        "NAME must be a flag of the script")
+                        "NAME must be a flag of the script. With METHOD: (e.g. asam:sam_rho=0.5,1.0) for that "
+                        "method only, replacing a grid of the same NAME for every method. A method whose grid "
+                        "has one combination runs it without tuning runs")
     parser.add_argument("--holdout_fraction", type=float, default=0.1,
                         help="share of the training data the --grid runs evaluate on")
     parser.add_argument("--config", default=None, metavar="FILE.json",
@@ -104,6 +120,12 @@ def build_parser():
                         help="CPU threads of each run (OMP_NUM_THREADS, MKL_NUM_THREADS): floating-point sums, and "
                         "so the trained weights, depend on it. Default: the CPUs this process may use. Part of the "
                         "key under which finished runs are reused, and recorded in comparison.json")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time; --threads then defaults to the CPUs / jobs. With jobs > 1 each run's "
+                        "output goes to its log.txt only")
+    parser.add_argument("--fresh_processes", action="store_true",
+                        help="start each run as `python SCRIPT ...` instead of forking it from a worker that has "
+                        "done the script's imports once (hf_flat.preload; saves ~7 s of imports per run)")
     parser.add_argument("--quiet", action="store_true",
                         help="do not stream each run's output to stderr (it is still in its log.txt)")
     return parser
@@ -116,26 +138,34 @@ def parse(argv):
         argv, extra = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
     args.extra = extra
-    args.grid = _parse_grids(args.grid)
+    args.grid, args.method_grid = _parse_grids(args.grid)
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: must be at least 1")
     if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        args.threads = max(1, cpus // args.jobs)
     if args.threads < 1:
         raise UserError(f"--threads {args.threads}: must be at least 1")
     return args
 
 
 def _parse_grids(texts):
-    grid = {}
+    """({name: values} for every method, {method: {name: values}} for one method) from the --grid texts."""
+    grid, method_grid = {}, {}
     for text in texts:
         name, _, values = text.partition("=")
+        method, _, name = name.strip().rpartition(":")
         name = name.strip().lstrip("-")
         values = [v.strip() for v in values.split(",")]
-        if not name or not all(values):
-            raise UserError(f"--grid {text!r}: expected NAME=V1,V2,... (for example sam_rho=0.02,0.05,0.1)")
-        if name in grid:
-            raise UserError(f"--grid {name}: given twice; put all its values in one --grid {name}=V1,V2,...")
-        grid[name] = values
-    return grid
+        if not name or not all(values) or (":" in text.partition("=")[0] and not method.strip()):
+            raise UserError(f"--grid {text!r}: expected [METHOD:]NAME=V1,V2,... (for example sam_rho=0.02,0.05,0.1 "
+                            "or asam:sam_rho=0.5,1.0)")
+        target = method_grid.setdefault(method.strip(), {}) if method else grid
+        where = f"{method.strip()}:{name}" if method else name
+        if name in target:
+            raise UserError(f"--grid {where}: given twice; put all its values in one --grid {where}=V1,V2,...")
+        target[name] = values
+    return grid, method_grid
 
 
 def applies(name, method):
@@ -157,14 +187,16 @@ def applies(name, method):
     return None
 
 
-def tunable(method, grid):
+def tunable(method, grid, method_grid=None):
     """The grid entries that apply to `method`: its own flat-minima arguments, and any other flag
-    (such as learning_rate) for every method but 'none'."""
+    (such as learning_rate) for every method but 'none'; then `method_grid[method]` (given for this
+    method alone), whose entries replace those of the same name."""
     keep = {}
     for name, values in grid.items():
         own = applies(name, method)
         if own or (own is None and method != "none"):
             keep[name] = values
+    keep.update((method_grid or {}).get(method, {}))
     return keep
 
 
@@ -194,27 +226,36 @@ def check_command(args, log):
             raise UserError(f"--methods: {error}") from None
     if len(set(args.methods)) != len(args.methods) or len(set(args.seeds)) != len(args.seeds):
         raise UserError("--methods / --seeds: a value is given twice; give each once")
-    if args.grid and not 0 < args.holdout_fraction < 1:
+    if (args.grid or args.method_grid) and not 0 < args.holdout_fraction < 1:
         raise UserError(f"--holdout_fraction {args.holdout_fraction}: must lie in (0, 1) for --grid")
+    names = set(args.grid) | {n for g in args.method_grid.values() for n in g}
     given = {a[2:].split("=")[0].replace("-", "_") for a in args.extra if a.startswith("--")}
-    for name in sorted(given & (set(OWN_FLAGS) | set(args.grid))):
-        where = "--grid" if name in args.grid else "compare"
+    for name in sorted(given & (set(OWN_FLAGS) | names)):
+        where = "--grid" if name in names else "compare"
         raise UserError(f"--{name} after '--': {where} sets it for every run; remove it from the script arguments")
-    for name in args.grid:
+    for method in args.method_grid:
+        if method not in args.methods:
+            raise UserError(f"--grid {method}:...: {method!r} is not one of --methods ({' '.join(args.methods)})")
+    for name in sorted(names):
         if name in OWN_FLAGS:
             raise UserError(f"--grid {name}: compare sets --{name} itself; it cannot be tuned")
     accepted = script_flags(args)
-    needed = ["flat_method", "seed", "output_dir"] + (["holdout_fraction"] if args.grid else [])
+    needed = ["flat_method", "seed", "output_dir"] + (["holdout_fraction"] if names else [])
     for name in needed:
         if name not in accepted:
             raise UserError(f"--script {args.script} has no --{name} flag, which compare passes to every run"
                             + (" with --grid" if name == "holdout_fraction" else "") + "; add it to the script")
-    for name in args.grid:
+    for name in sorted(names):
         if name not in accepted:
             close = difflib.get_close_matches(name, sorted(f for f in accepted if "-" not in f), n=3)
             hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             raise UserError(f"--grid {name}: {args.script} has no --{name} flag{hint}; "
                             f"see `python {args.script} --help`")
+    for method, grid in args.method_grid.items():
+        for name in grid:
+            if applies(name, method) is False:
+                raise UserError(f"--grid {method}:{name}: {name} does not change a run of {method}")
+    for name in args.grid:
         if not any(tunable(method, {name: []}) for method in args.methods):
             log(f"warning: --grid {name} applies to none of the methods {' '.join(args.methods)}: it is not tuned")
 
@@ -231,7 +272,7 @@ def run_folder(args, name, flags):
     return command, os.path.join(args.output_dir, "runs", f"{name}-{digest}")
 
 
-def run_one(args, name, flags, settings, log):
+def run_one(args, name, flags, settings, log, runner):
     """Run the script once, or reuse the finished run of the same command. Returns its record: `metrics`
     (and `reused`) when it worked, `failed` (the reason) when it did not."""
     command, out = run_folder(args, name, flags)
@@ -250,7 +291,7 @@ def run_one(args, name, flags, settings, log):
             os.remove(os.path.join(out, stale))
     start = time.time()
     logpath = os.path.join(out, "log.txt")
-    code = _run_logged([args.python, *command, "--output_dir", out], logpath, echo=not args.quiet, threads=args.threads)
+    code = runner.run([*command, "--output_dir", out], logpath)
     seconds = round(time.time() - start, 1)
     if code != 0:
         log(f"  FAILED {name} (exit code {code}) after {seconds} s; see {logpath}")
@@ -264,11 +305,105 @@ def run_one(args, name, flags, settings, log):
     return {**record, "metrics": metrics, "seconds": seconds, "reused": False}
 
 
-def _run_logged(command, logpath, echo, threads):
-    """Run `command` on `threads` CPU threads, its output into `logpath` and, with `echo`, to stderr as
+class Runner:
+    """Starts the runs, `--jobs` at a time: each forked from a worker that has done the script's
+    imports once (`hf_flat.preload`), or with `--fresh_processes` as `python SCRIPT ...`. Either way
+    the run gets `--threads` CPU threads and its output goes to its log.txt, and to stderr as it
+    comes when one run is started at a time and --quiet is not given."""
+
+    def __init__(self, args):
+        self.args, self.idle, self.workers = args, queue.Queue(), []
+        self.echo = not args.quiet and args.jobs == 1
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+
+    def run(self, argv, logpath):
+        """Run SCRIPT ARGS... (`argv`); its exit code (negative: killed by that signal)."""
+        if self.args.fresh_processes:
+            return _run_logged([self.args.python, *argv], logpath, self.echo, self.env)
+        try:
+            worker = self.idle.get_nowait()
+        except queue.Empty:
+            worker = _Worker(self.args, self.env)
+            self.workers.append(worker)
+        try:
+            return worker.run(argv, logpath, self.echo)
+        finally:
+            if worker.alive():
+                self.idle.put(worker)
+
+    def close(self):
+        for worker in self.workers:
+            worker.close()
+
+
+class _Worker:
+    """One `python hf_flat/preload.py` process: a run per request, forked after the imports."""
+
+    def __init__(self, args, env):
+        read, write = os.pipe()
+        self.stderr = open(os.path.join(args.output_dir, "preload-worker.log"), "ab")
+        # the file itself, not `-m hf_flat.preload`: the worker imports what the script imports, nothing more
+        preload = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preload.py")
+        self.process = subprocess.Popen([args.python, preload, str(write), args.script],
+                                        stdin=subprocess.PIPE, stdout=self.stderr, stderr=self.stderr,
+                                        pass_fds=(write,), env=env, text=True)
+        os.close(write)
+        self.answers = os.fdopen(read)
+
+    def alive(self):
+        return self.process.poll() is None
+
+    def run(self, argv, logpath, echo):
+        self.process.stdin.write(json.dumps({"argv": argv, "log": logpath}) + "\n")
+        self.process.stdin.flush()
+        shown, decoder = 0, codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while True:
+            ready = select.select([self.answers], [], [], 0.2)[0]
+            if echo and os.path.exists(logpath):  # the run's output as it comes
+                with open(logpath, "rb") as f:
+                    f.seek(shown)
+                    chunk = f.read()
+                shown += len(chunk)
+                sys.stderr.write(decoder.decode(chunk))
+                sys.stderr.flush()
+            if ready:
+                break
+        line = self.answers.readline()
+        if not line:  # the worker died (killed, out of memory): this run failed, the next gets a new worker
+            self.close()
+            return -1
+        return json.loads(line)["code"]
+
+    def close(self):
+        if self.process.stdin and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.answers.close()
+        self.stderr.close()
+
+
+def _run_all(args, tasks):
+    """Call every task (a function of no arguments), `--jobs` at a time; their results in order."""
+    if args.jobs == 1:
+        return [task() for task in tasks]
+    pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
+    try:
+        futures = [pool.submit(task) for task in tasks]
+        return [future.result() for future in futures]
+    finally:  # a mistake found by one run (an unknown --metric) stops the others from starting
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_logged(command, logpath, echo, env):
+    """Run `command` in the environment `env`, its output into `logpath` and, with `echo`, to stderr as
     it comes. Returns the exit code."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(logpath, "wb") as logfile:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         for chunk in iter(lambda: process.stdout.read1(65536), b""):
@@ -454,7 +589,7 @@ def _settings_text(settings):
     return ", ".join(f"{k}={v}" for k, v in settings.items()) if settings else "-"
 
 
-def report(args, rows, scale, chosen, warnings, failures, runs):
+def report(args, rows, scale, chosen, warnings, failures, runs, tuning=None):
     """comparison.md: the table, its warnings and failures, and the hyper-parameters each method ran with."""
     parts = [markdown(rows, args.metric, scale, marked=set(warnings))]
     notes = [f"{WARNING_MARK} {method}: {message} ({', '.join(names)})"
@@ -467,6 +602,8 @@ def report(args, rows, scale, chosen, warnings, failures, runs):
              "| method | chosen on held-out data (--grid) | flat_settings of its runs |", "|---|---|---|"]
     for method in args.methods:
         picked = "tuning failed" if chosen[method] is None else _settings_text(chosen[method])
+        if chosen[method] and method not in (tuning or {}):
+            picked += " (given: one value each, not tuned)"
         used = next((r["metrics"].get("flat_settings") for r in runs if r["method"] == method and "metrics" in r), None)
         lines.append(f"| {method} | {picked} | {_settings_text(used) if isinstance(used, dict) else '-'} |")
     parts.append("\n".join(lines))
@@ -475,58 +612,82 @@ def report(args, rows, scale, chosen, warnings, failures, runs):
 
 def compare(args, log):
     os.makedirs(args.output_dir, exist_ok=True)
-    chosen, tuning, failures = {}, {}, []
-    for method in args.methods:
-        grid = tunable(method, args.grid)
-        chosen[method] = {}
-        if not grid:
+    runner = Runner(args)
+    try:
+        return _compare(args, log, runner)
+    finally:
+        runner.close()
+
+
+def _tune(args, log, runner):
+    """({method: chosen setting, or None when every tuning run failed}, {method: tuning runs}, failures).
+    A method with one combination runs it as it is; more are tried on held-out data with the first seed."""
+    grids = {m: tunable(m, args.grid, args.method_grid) for m in args.methods}
+    combinations = {m: [dict(zip(g, values)) for values in itertools.product(*g.values())] for m, g in grids.items()}
+    tasks = []
+    for method, settings in combinations.items():
+        if len(settings) < 2:
             continue
-        best, combinations = None, list(itertools.product(*grid.values()))
-        for i, values in enumerate(combinations, 1):
-            setting = dict(zip(grid, values))
-            flags = ["--flat_method", method, "--seed", str(args.seeds[0]),
-                     "--holdout_fraction", str(args.holdout_fraction)]
-            flags += [x for k, v in setting.items() for x in (f"--{k}", v)]
-            log(f"[tune {method} {i}/{len(combinations)}] {_settings_text(setting)}")
-            tag = "-".join(f"{k}{v}" for k, v in setting.items())
-            result = run_one(args, f"tune-{method}-{tag}", flags, setting, log)
-            tuning.setdefault(method, []).append(result)
-            if "failed" not in result:
-                score = result["metrics"][args.metric] * (-1 if args.lower_is_better else 1)
-                if best is None or score > best[0]:
-                    best = (score, setting)
-        if best is None:
+        for i, setting in enumerate(settings, 1):
+            def task(method=method, setting=setting, i=i, n=len(settings)):
+                flags = ["--flat_method", method, "--seed", str(args.seeds[0]),
+                         "--holdout_fraction", str(args.holdout_fraction)]
+                flags += [x for k, v in setting.items() for x in (f"--{k}", v)]
+                log(f"[tune {method} {i}/{n}] {_settings_text(setting)}")
+                tag = "-".join(f"{k}{v}" for k, v in setting.items())
+                return method, setting, run_one(args, f"tune-{method}-{tag}", flags, setting, log, runner)
+            tasks.append(task)
+    chosen = {m: settings[0] for m, settings in combinations.items()}  # one combination (or none): as it is
+    tuning, best, failures = {}, {}, []
+    for method, setting, result in _run_all(args, tasks):
+        tuning.setdefault(method, []).append(result)
+        if "failed" not in result:
+            score = result["metrics"][args.metric] * (-1 if args.lower_is_better else 1)
+            if method not in best or score > best[method][0]:
+                best[method] = (score, setting)
+    for method in tuning:
+        if method in best:
+            chosen[method] = best[method][1]
+            log(f"[tune {method}] chose {_settings_text(chosen[method])}")
+        else:
             chosen[method] = None
             failures.append({"name": f"tune-{method}", "method": method,
-                             "failed": f"all {len(combinations)} tuning runs failed; {method} is not run"})
+                             "failed": f"all {len(tuning[method])} tuning runs failed; {method} is not run"})
             log(f"[tune {method}] every tuning run failed: {method} is left out of the table (see the logs above)")
-        else:
-            chosen[method] = best[1]
-            log(f"[tune {method}] chose {_settings_text(best[1])}")
+    return chosen, tuning, failures
 
+
+def _compare(args, log, runner):
+    chosen, tuning, failures = _tune(args, log, runner)
     scores, runs, warnings = {m: {} for m in args.methods}, [], {}
     todo = [(seed, m) for seed in args.seeds for m in args.methods if chosen[m] is not None]
-    for done, (seed, method) in enumerate(todo, 1):
+
+    def task(done, seed, method):
         log(f"[{done}/{len(todo)}] {method} seed {seed} {_settings_text(chosen[method])}")
         flags = ["--flat_method", method, "--seed", str(seed)]
         flags += [x for k, v in chosen[method].items() for x in (f"--{k}", v)]
-        result = run_one(args, f"{method}-seed{seed}", flags, chosen[method], log)
-        runs.append({"method": method, "seed": seed, **result})
+        return {"method": method, "seed": seed,
+                **run_one(args, f"{method}-seed{seed}", flags, chosen[method], log, runner)}
+
+    runs = _run_all(args, [lambda d=d, s=s, m=m: task(d, s, m) for d, (s, m) in enumerate(todo, 1)])
+    for result in runs:
+        method = result["method"]
         if "failed" in result:
-            failures.append(runs[-1])
+            failures.append(result)
             continue
-        scores[method][seed] = result["metrics"][args.metric]
+        scores[method][result["seed"]] = result["metrics"][args.metric]
         for message in run_warnings(method, result["metrics"]):
             warnings.setdefault(method, {}).setdefault(message, []).append(result["name"])
 
     rows = table(scores, args.lower_is_better)
     scale = percent_scale(args.metric, [v for vs in scores.values() for v in vs.values()], args.percent)
-    text = report(args, rows, scale, chosen, warnings, failures, runs)
+    text = report(args, rows, scale, chosen, warnings, failures, runs, tuning)
     print(text)
     with open(os.path.join(args.output_dir, "comparison.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.output_dir, "comparison.json"), "w") as f:
-        json.dump({"metric": args.metric, "threads": args.threads, "shown_in_percent": scale == 100, "bold_uses": "paired SE",
+        json.dump({"metric": args.metric, "threads": args.threads, "jobs": args.jobs,
+                   "fresh_processes": args.fresh_processes, "shown_in_percent": scale == 100, "bold_uses": "paired SE",
                    "legend": LEGEND, "pairing_notes": pairing_notes(rows), "table": rows, "chosen": chosen,
                    "warnings": warnings, "tuning": tuning, "runs": runs, "failures": failures}, f, indent=2)
     with open(os.path.join(args.output_dir, "runs.csv"), "w", newline="") as f:

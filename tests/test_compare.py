@@ -117,10 +117,12 @@ def test_reuse_is_keyed_on_the_whole_command_and_reported(tmp_path, capsys):
     assert all(r["reused"] for r in result["runs"]) and all(r["reused"] for r in result["tuning"]["sam"])
     assert all(line.split(",")[5] == "reused" for line in (tmp_path / "out" / "runs.csv").read_text().splitlines()[1:])
 
-    # a changed grid reruns sam (tuning and final runs), and the table names the values it ran with
+    # a changed grid reruns sam, and the table names the values it ran with; one value has nothing to
+    # choose from: no tuning run, and the table says the value was given
     assert _compare(tmp_path, "--methods", "none", "sam", "--seeds", "0", "1", "--grid", "sam_rho=0.02") == 0
     new = _calls(tmp_path)[first:]
-    assert len(new) == 1 + 2 and all("--sam_rho 0.02" in c for c in new)
+    assert len(new) == 2 and all("--sam_rho 0.02" in c and "--holdout_fraction" not in c for c in new)
+    assert "| sam | sam_rho=0.02 (given: one value each, not tuned) |" in (tmp_path / "out" / "comparison.md").read_text()
     rows = list(csv.DictReader((tmp_path / "out" / "runs.csv").open()))
     sam = [r for r in rows if r["method"] == "sam"]
     assert [json.loads(r["settings"]) for r in sam] == [{"sam_rho": "0.02"}] * 2 and not any(r["reused"] for r in sam)
