@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .args import PERTURBATION_SETTINGS
+from .args import PERTURBATION_SETTINGS, SWA_SCHEDULE_SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +24,9 @@ FLAT_SETTINGS = {
     "esam": ("sam_rho", "esam_beta", "esam_gamma", "sam_start", "sam_interval"),
     "saf": ("saf_lambda", "saf_tau", "saf_start_epoch", "saf_past_epochs"),
     "mesa": ("mesa_lambda", "mesa_tau", "mesa_decay", "mesa_start_epoch"),
-    "swa": ("average_start", "average_freq", "average_bn_batches"),
-    "ema": ("average_start", "ema_decay", "average_bn_batches"),
+    "swa": ("average_start", "average_freq", "average_bn_batches", *SWA_SCHEDULE_SETTINGS),
+    "ema": ("average_start", "ema_decay", "average_bn_batches", *SWA_SCHEDULE_SETTINGS),
+    "lawa": ("average_start", "average_freq", "lawa_k", "average_bn_batches", *SWA_SCHEDULE_SETTINGS),
 }
 
 
