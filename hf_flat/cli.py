@@ -3,6 +3,8 @@
     hf-flat interpolate MODEL_A MODEL_B --data digits --output_dir out/interp
     hf-flat plane MODEL --data glue --data_config sst2 --eval_split validation --output_dir out/plane
     hf-flat sharpness MODEL --data my_data.csv --rho 0.05 --m 128 --n 4 --output_dir out/sharp
+    hf-flat connect MODEL_A MODEL_B --data digits --curve bezier --output_dir out/connect
+    hf-flat report MODEL_1 MODEL_2 [...] --data digits [--curves out/connect] --output_dir out/report
     hf-flat soup MODEL_1 MODEL_2 MODEL_3 [--greedy --data my_data --metric accuracy] --output_dir out/soup
     hf-flat compare --script examples/vit/run_vit.py --methods none sam ... (see `hf-flat compare -h`)
 
@@ -134,6 +136,16 @@ def weights_argument(parser, two_models=False):
                         help=help)
 
 
+def sharpness_arguments(parser):
+    parser.add_argument("--rho", type=float, default=0.05, help="radius of the sharpness perturbation")
+    parser.add_argument("--m", type=int, default=128, help="batch size of the m-sharpness")
+    parser.add_argument("--n", type=int, default=4, help="batches of the adversarial sharpness")
+    parser.add_argument("--n_average", type=int, default=15, help="batches of the average (random-direction) sharpness")
+    parser.add_argument("--mu", type=float, default=1.0, help="distance of the asymmetry factor")
+    parser.add_argument("--directions", type=int, default=30, help="random directions of the asymmetry factor")
+    parser.add_argument("--hessian_iterations", type=int, default=20, help="power iterations for the Hessian eigenvalue")
+
+
 #: --metric of `hf-flat soup`, as `evaluate` reports them: accuracy (higher is better), loss (lower is better).
 SOUP_METRICS = ("accuracy", "loss")
 
@@ -156,20 +168,54 @@ def build_parser():
     p.add_argument("model", help="a save_pretrained folder or checkpoint")
     p.add_argument("--steps", type=int, default=21, help="grid points per axis (odd: the model itself is a grid point)")
     p.add_argument("--span", type=float, default=1.0, help="the grid covers [-span, span]^2")
+    p.add_argument("--plot3d", action="store_true",
+                   help="also draw each plot as a 3-D surface (plane_<set>_<quantity>_3d.png) next to the contour plot")
     weights_argument(p)
     data_arguments(p)
 
     p = commands.add_parser("sharpness", help="m-sharpness, asymmetry factor and top Hessian eigenvalue",
                             formatter_class=HelpFormatter)
     p.add_argument("model", help="a save_pretrained folder or checkpoint")
-    p.add_argument("--rho", type=float, default=0.05, help="radius of the sharpness perturbation")
-    p.add_argument("--m", type=int, default=128, help="batch size of the m-sharpness")
-    p.add_argument("--n", type=int, default=4, help="batches of the adversarial sharpness")
-    p.add_argument("--n_average", type=int, default=15, help="batches of the average (random-direction) sharpness")
-    p.add_argument("--mu", type=float, default=1.0, help="distance of the asymmetry factor")
-    p.add_argument("--directions", type=int, default=30, help="random directions of the asymmetry factor")
-    p.add_argument("--hessian_iterations", type=int, default=20, help="power iterations for the Hessian eigenvalue")
+    sharpness_arguments(p)
     weights_argument(p)
+    data_arguments(p)
+
+    p = commands.add_parser("connect", help="fit a low-loss curve between two models (mode connectivity)",
+                            formatter_class=HelpFormatter,
+                            description="Mode connectivity (Garipov et al., NeurIPS 2018, arXiv 1802.10026): trains "
+                            "the bend of a polygonal chain or quadratic Bezier curve from model A to model B with the "
+                            "Hugging Face Trainer, on the training loss averaged over t ~ U(0, 1) along the curve, "
+                            "then evaluates train and test loss and accuracy along it (BatchNorm recomputed at each "
+                            "point) beside the straight line. Writes connect.png, results.json and the bend "
+                            "(bend.safetensors).")
+    p.add_argument("model_a", help="model A (t = 0): a save_pretrained folder or checkpoint")
+    p.add_argument("model_b", help="model B (t = 1), of the same architecture and size")
+    p.add_argument("--curve", choices=("polychain", "bezier"), default="polychain",
+                   help="polygonal chain with one bend, or quadratic Bezier curve")
+    p.add_argument("--epochs", type=float, default=10, help="epochs of the bend's training")
+    p.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW's learning rate for the bend")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's weight decay for the bend")
+    p.add_argument("--train_batch_size", type=int, default=32, help="training batch (one t is drawn per batch)")
+    p.add_argument("--points", type=int, default=21, help="evenly spaced t in [0, 1] where both paths are evaluated")
+    weights_argument(p, two_models=True)
+    data_arguments(p)
+
+    p = commands.add_parser("report", help="one table comparing models: test metrics, sharpness, asymmetry, "
+                            "Hessian, barriers between each pair", formatter_class=HelpFormatter,
+                            description="For each model: test loss and accuracy, adversarial and average "
+                            "sharpness, the asymmetry factor and the top Hessian eigenvalue (the functions of "
+                            "`hf-flat sharpness`); for each pair of models: the loss barrier on the straight line "
+                            "between them and, when `--curves` gives an `hf-flat connect` folder for that pair, on "
+                            "its curve. Writes report.md and results.json.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="save_pretrained folders or checkpoints")
+    p.add_argument("--curves", nargs="+", default=[], metavar="DIR",
+                   help="output folders of `hf-flat connect` whose barriers join the table (matched to the pair by "
+                        "the model paths in their results.json)")
+    p.add_argument("--points", type=int, default=11, help="evenly spaced t in [0, 1] on each straight line")
+    sharpness_arguments(p)
+    p.add_argument("--weights", choices=("live", "averaged"), default="live", nargs="+",
+                   help="'live' or 'averaged' (the SWA / EMA / WASAM average in a checkpoint); one value for all "
+                        "models, or one per model")
     data_arguments(p)
 
     p = commands.add_parser("soup", help="average fine-tuned models of one architecture into one: the uniform or "
@@ -423,6 +469,101 @@ def run_soup(args) -> dict:
     return finish(args.output_dir, results, notes, summary, "wrote the soup and ")
 
 
+def run_connect(args, models, names, data, results, notes) -> list[str]:
+    """`hf-flat connect`: fit the curve, evaluate it and the straight line, plot, save the bend."""
+    from safetensors.torch import save_file
+    from transformers import TrainingArguments, default_data_collator
+
+    from .analysis.connect import connect
+    from .analysis.plots import plot_connect
+
+    model_a, model_b = models
+    eval_sets = {"train": data["train"][1], "test": data["eval"][1]}
+    bn = data["train"][1] if has_batchnorm(model_a) else None
+    training = TrainingArguments(
+        output_dir=os.path.join(args.output_dir, "curve_training"), num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay, per_device_train_batch_size=args.train_batch_size,
+        save_strategy="no", report_to="none", seed=args.seed, logging_strategy="epoch", disable_tqdm=True,
+        use_cpu=args.device == "cpu")
+    dataset = data["train"][0]
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    print(f"training the {args.curve} curve's bend ({args.epochs:g} epochs) ...", file=sys.stderr)
+    with tqdm(total=args.points, desc="curve") as bar:
+        found, curve = connect(model_a, model_b, dataset, eval_sets, training, args.curve, args.points, bn,
+                               default_data_collator, progress=lambda i, n: bar.update(1))
+    results.update(models=[os.path.abspath(p) for p in (args.model_a, args.model_b)], names=names, **found)
+    bend = {name: m.detach().cpu().contiguous() for name, m in zip(curve.names, curve.bend)}
+    save_file(bend, os.path.join(args.output_dir, "bend.safetensors"), metadata={"curve": args.curve})
+    plot_connect(found, os.path.join(args.output_dir, "connect.png"), names)
+    summary = [f"A = {names[0]} (t 0), B = {names[1]} (t 1), {args.curve} curve"]
+    for key, value in found["barriers"].items():
+        where = "" if value["at"] is None else f" at t {value['at']:g}"
+        summary.append(f"  barrier {key}: {_f(value['height'])}{where}")
+    return summary
+
+
+def check_counts(args):
+    """Refuse, in one line, a count that is not positive (and connect's and report's own bounds)."""
+    counts = [("--batch_size", args.batch_size), ("--max_train_samples", args.max_train_samples),
+              ("--max_eval_samples", args.max_eval_samples)]
+    if args.command in ("sharpness", "report"):
+        counts += [("--m", args.m), ("--n", args.n), ("--n_average", args.n_average),
+                   ("--directions", args.directions), ("--hessian_iterations", args.hessian_iterations)]
+    if args.command == "connect":
+        counts += [("--train_batch_size", args.train_batch_size)]
+    for option, value in counts:
+        if value is not None and value < 1:
+            raise UsageError(f"{option} {value}: give a positive number.")
+    if args.command in ("connect", "report") and args.points < 2:
+        raise UsageError(f"--points {args.points}: give at least 2 (t = 0 and t = 1).")
+    if args.command == "connect" and not (args.epochs > 0 and args.learning_rate > 0 and args.weight_decay >= 0):
+        raise UsageError(f"--epochs {args.epochs}, --learning_rate {args.learning_rate}, --weight_decay "
+                         f"{args.weight_decay}: epochs and learning rate must be positive, weight decay at least 0.")
+
+
+def sharpness_measures(args, model, data, notes) -> dict:
+    """`hf-flat sharpness`'s four measures of `model` on the training split: adversarial and
+    average m-sharpness, the asymmetry factor and the top Hessian eigenvalue."""
+    from .analysis import asymmetry_factor, sharpness, top_hessian_eigenvalue
+    from .data import batches
+
+    dataset = data["train"][0]
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    available = len(dataset)
+    where = f" (--max_train_samples {args.max_train_samples})" if args.max_train_samples else ""
+    if args.m > available:
+        raise UsageError(f"--m {args.m} is larger than the {available} training examples{where}: lower --m "
+                         "or use more training data.")
+
+    def m_batches(count, option):
+        """`count` batches of exactly m training examples, or as many as fit (then a note says so)."""
+        used = min(count, available // args.m)
+        if used < count:
+            note = (f"{option} {count} batches of --m {args.m} need {count * args.m} training examples, "
+                    f"{available} are available{where}: used {used} batches")
+            if note not in notes:
+                notes.append(note)
+        loader = batches(dataset.shuffle(seed=args.seed), args.m, args.device, limit=used * args.m)
+        return list(loader())
+
+    train_batches = data["train"][1]
+    results = {"training_examples": available}
+    print("adversarial sharpness ...", file=sys.stderr)
+    results["adversarial"] = {**sharpness(model, m_batches(args.n, "--n"), args.rho, "adversarial", args.seed),
+                              "n_requested": args.n, "m": args.m}
+    print("average sharpness ...", file=sys.stderr)
+    results["average"] = {**sharpness(model, m_batches(args.n_average, "--n_average"), args.rho, "average", args.seed),
+                          "n_requested": args.n_average, "m": args.m}
+    print("asymmetry factor ...", file=sys.stderr)
+    bn = train_batches if has_batchnorm(model) else None
+    results["asymmetry"] = asymmetry_factor(model, train_batches, args.mu, args.directions, args.seed, bn)
+    print("top Hessian eigenvalue ...", file=sys.stderr)
+    results["hessian"] = top_hessian_eigenvalue(model, train_batches, args.hessian_iterations, seed=args.seed)
+    return results
+
+
 def finish(output_dir, results, notes, summary, wrote="wrote ") -> dict:
     """Print the notes and the summary, write `results` (with the notes) to results.json."""
     results["notes"] = notes
@@ -437,8 +578,8 @@ def finish(output_dir, results, notes, summary, wrote="wrote ") -> dict:
 
 def run(argv=None) -> dict:
     """Parse `argv`, run the analysis, write results.json and the plots; return the results."""
-    from .analysis import asymmetry_factor, interpolate, plane, sharpness, top_hessian_eigenvalue
-    from .analysis.plots import best_point, plot_interpolation, plot_plane
+    from .analysis import interpolate, plane
+    from .analysis.plots import best_point, plot_interpolation, plot_plane, plot_plane_3d
     from .analysis.surface import grid_points
     from .averaging import recompute_batchnorm
 
@@ -447,7 +588,11 @@ def run(argv=None) -> dict:
         raise UsageError("run `hf-flat compare ...` through main(), the console entry point.")
     if args.command == "soup":
         return run_soup(args)
-    paths = [args.model_a, args.model_b] if args.command == "interpolate" else [args.model]
+    if args.command == "report":
+        from .report import run_report
+
+        return run_report(args)
+    paths = [args.model_a, args.model_b] if args.command in ("interpolate", "connect") else [args.model]
     weights = args.weights if isinstance(args.weights, list) else [args.weights]
     if len(weights) > len(paths):
         raise UsageError(f"--weights {' '.join(weights)}: give one value, or one per model ({len(paths)}).")
@@ -456,14 +601,7 @@ def run(argv=None) -> dict:
         model_folder(path)
         if which == "averaged":
             flat_state_file(path)
-    counts = [("--batch_size", args.batch_size), ("--max_train_samples", args.max_train_samples),
-              ("--max_eval_samples", args.max_eval_samples)]
-    if args.command == "sharpness":
-        counts += [("--m", args.m), ("--n", args.n), ("--n_average", args.n_average),
-                   ("--directions", args.directions), ("--hessian_iterations", args.hessian_iterations)]
-    for option, value in counts:
-        if value is not None and value < 1:
-            raise UsageError(f"{option} {value}: give a positive number.")
+    check_counts(args)
     if args.command == "plane" and args.steps < 2:
         raise UsageError(f"--steps {args.steps}: give at least 2 grid points per axis (odd: the model is on the grid).")
     os.makedirs(args.output_dir, exist_ok=True)
@@ -514,44 +652,17 @@ def run(argv=None) -> dict:
                 continue
             plot_plane(result, os.path.join(args.output_dir, f"plane_{eval_set}_{quantity}.png"), quantity, eval_set,
                        (best["point"]["alpha"], best["point"]["beta"]), name, best["what"])
+            if args.plot3d:
+                plot_plane_3d(result, os.path.join(args.output_dir, f"plane_{eval_set}_{quantity}_3d.png"), quantity,
+                              eval_set, name)
         summary = plane_summary(result, name)
+    elif args.command == "connect":
+        summary = run_connect(args, models, names, data, results, notes)
     else:
         (model,) = models
-        from .data import batches
-
-        dataset = data["train"][0]
-        if args.max_train_samples is not None:
-            dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
-        available = len(dataset)
-        where = f" (--max_train_samples {args.max_train_samples})" if args.max_train_samples else ""
-        if args.m > available:
-            raise UsageError(f"--m {args.m} is larger than the {available} training examples{where}: lower --m "
-                             "or use more training data.")
-
-        def m_batches(count, option):
-            """`count` batches of exactly m training examples, or as many as fit (then a note says so)."""
-            used = min(count, available // args.m)
-            if used < count:
-                notes.append(f"{option} {count} batches of --m {args.m} need {count * args.m} training examples, "
-                             f"{available} are available{where}: used {used} batches")
-            loader = batches(dataset.shuffle(seed=args.seed), args.m, args.device, limit=used * args.m)
-            return list(loader())
-
-        results["training_examples"] = available
-        print("adversarial sharpness ...", file=sys.stderr)
-        adversarial = m_batches(args.n, "--n")
-        results["adversarial"] = {**sharpness(model, adversarial, args.rho, "adversarial", args.seed),
-                                  "n_requested": args.n, "m": args.m}
-        print("average sharpness ...", file=sys.stderr)
-        average = m_batches(args.n_average, "--n_average")
-        results["average"] = {**sharpness(model, average, args.rho, "average", args.seed),
-                              "n_requested": args.n_average, "m": args.m}
-        print("asymmetry factor ...", file=sys.stderr)
-        bn = train_batches if has_batchnorm(model) else None
-        results["asymmetry"] = asymmetry_factor(model, train_batches, args.mu, args.directions, args.seed, bn)
-        print("top Hessian eigenvalue ...", file=sys.stderr)
-        results["hessian"] = top_hessian_eigenvalue(model, train_batches, args.hessian_iterations, seed=args.seed)
-        summary = [f"training examples: {available}"]
+        measures = sharpness_measures(args, model, data, notes)
+        results.update(measures)
+        summary = [f"training examples: {measures['training_examples']}"]
         for key in ("adversarial", "average", "asymmetry", "hessian"):
             shown = {k: v for k, v in results[key].items() if k != "rises"}
             summary.append(f"{key}: {shown}")

@@ -65,3 +65,50 @@ def plot_plane(result, path, quantity="loss", eval_set="test", best=None, model_
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_plane_3d(result, path, quantity="loss", eval_set="test", model_name=None):
+    """The plane's `quantity` of `eval_set` as a 3-D surface (as Kaddour et al.'s Figure 9)."""
+    import numpy as np
+
+    coords = result["coords"]
+    n = len(coords)
+    values = np.full((n, n), np.nan)
+    for g in result["grid"]:
+        values[coords.index(g["beta"]), coords.index(g["alpha"])] = g[eval_set][quantity]
+    x, y = np.meshgrid(coords, coords)
+    fig = plt.figure(figsize=(6, 5))
+    ax = fig.add_subplot(projection="3d")
+    ax.plot_surface(x, y, values, cmap="viridis", linewidth=0, antialiased=True)
+    centre = values[coords.index(min(coords, key=abs)), coords.index(min(coords, key=abs))]
+    ax.scatter([0], [0], [centre], color="red", s=20, label="model")
+    ax.set_xlabel("alpha (direction 1)")
+    ax.set_ylabel("beta (direction 2)")
+    ax.set_zlabel(f"{eval_set} {quantity}")
+    if model_name:
+        ax.set_title(f"{model_name}: {eval_set} {quantity}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_connect(found, path, names=("model A", "model B")):
+    """Loss (left) and metric (right, when there is one) along the fitted curve (solid) and the
+    straight line (dashed), for the training and the test data, against t."""
+    sets = [k for k in found["curve"][0] if k != "t"]
+    has_metric = all("metric" in found["curve"][0][s] for s in sets)
+    fig, axes = plt.subplots(1, 2 if has_metric else 1, figsize=(11 if has_metric else 6, 4), squeeze=False)
+    for ax, quantity in zip(axes[0], ("loss", "metric")):
+        for s, color in zip(sets, ("tab:blue", "tab:orange", "tab:green")):
+            for path_name, style in (("curve", "-"), ("line", "--")):
+                rows = found[path_name]
+                ax.plot([r["t"] for r in rows], [r[s][quantity] for r in rows], style, color=color,
+                        label=f"{s}, {'curve' if path_name == 'curve' else 'straight line'}")
+        ax.set_xlabel("t  (0: model A, 1: model B)")
+        ax.set_ylabel("accuracy" if quantity == "metric" else "loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_title(f"{found['kind']} curve vs straight line\nA: {names[0]}\nB: {names[1]}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
