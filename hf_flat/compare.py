@@ -200,18 +200,27 @@ def tunable(method, grid, method_grid=None):
     return keep
 
 
-def script_flags(args):
-    """The flags the script accepts, read from its ``--help`` (both ``--a_b`` and ``--a-b`` spellings)."""
-    done = subprocess.run([args.python, args.script, "--help"], capture_output=True, text=True)
-    flags = set(re.findall(r"(?<![\w-])--([A-Za-z][\w-]*)", done.stdout))
-    if done.returncode != 0 or not flags:
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise UserError(f"`{args.script} --help` failed (exit code {done.returncode}: {last[0]}); "
+def script_flags(args, runner=None):
+    """The flags the script accepts, read from its ``--help`` (both ``--a_b`` and ``--a-b`` spellings),
+    run by `runner` (so from a preloaded worker) when given."""
+    if runner is None or args.fresh_processes:
+        done = subprocess.run([args.python, args.script, "--help"], capture_output=True, text=True)
+        code, text = done.returncode, done.stdout + done.stderr
+    else:
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, "script-help.txt")
+        code = runner.run([args.script, "--help"], path, echo=False)
+        with open(path, errors="replace") as f:
+            text = f.read()
+    flags = set(re.findall(r"(?<![\w-])--([A-Za-z][\w-]*)", text))
+    if code != 0 or not flags:
+        last = text.strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"`{args.script} --help` failed (exit code {code}: {last[0]}); "
                         "compare needs it to check the flags; run it by hand to see why")
     return flags | {f.replace("-", "_") for f in flags}
 
 
-def check_command(args, log):
+def check_command(args, log, runner=None):
     """Every check that needs no training; raises `UserError` with what to do."""
     from .args import parse_flat_method
 
@@ -239,7 +248,7 @@ def check_command(args, log):
     for name in sorted(names):
         if name in OWN_FLAGS:
             raise UserError(f"--grid {name}: compare sets --{name} itself; it cannot be tuned")
-    accepted = script_flags(args)
+    accepted = script_flags(args, runner)
     needed = ["flat_method", "seed", "output_dir"] + (["holdout_fraction"] if names else [])
     for name in needed:
         if name not in accepted:
@@ -316,17 +325,18 @@ class Runner:
         self.echo = not args.quiet and args.jobs == 1
         self.env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
 
-    def run(self, argv, logpath):
+    def run(self, argv, logpath, echo=None):
         """Run SCRIPT ARGS... (`argv`); its exit code (negative: killed by that signal)."""
+        echo = self.echo if echo is None else echo
         if self.args.fresh_processes:
-            return _run_logged([self.args.python, *argv], logpath, self.echo, self.env)
+            return _run_logged([self.args.python, *argv], logpath, echo, self.env)
         try:
             worker = self.idle.get_nowait()
         except queue.Empty:
             worker = _Worker(self.args, self.env)
             self.workers.append(worker)
         try:
-            return worker.run(argv, logpath, self.echo)
+            return worker.run(argv, logpath, echo)
         finally:
             if worker.alive():
                 self.idle.put(worker)
@@ -341,6 +351,7 @@ class _Worker:
 
     def __init__(self, args, env):
         read, write = os.pipe()
+        os.makedirs(args.output_dir, exist_ok=True)
         self.stderr = open(os.path.join(args.output_dir, "preload-worker.log"), "ab")
         # the file itself, not `-m hf_flat.preload`: the worker imports what the script imports, nothing more
         preload = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preload.py")
@@ -610,13 +621,15 @@ def report(args, rows, scale, chosen, warnings, failures, runs, tuning=None):
     return "\n\n".join(parts)
 
 
-def compare(args, log):
+def compare(args, log, runner=None):
     os.makedirs(args.output_dir, exist_ok=True)
-    runner = Runner(args)
+    own = runner is None
+    runner = runner or Runner(args)
     try:
         return _compare(args, log, runner)
     finally:
-        runner.close()
+        if own:
+            runner.close()
 
 
 def _tune(args, log, runner):
@@ -704,8 +717,12 @@ def main(argv=None):
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
-        check_command(args, log)
-        return compare(args, log)
+        runner = Runner(args)
+        try:
+            check_command(args, log, runner)
+            return compare(args, log, runner)
+        finally:
+            runner.close()
     except UserError as error:
         print(f"hf-flat compare: error: {error}", file=sys.stderr)
         return 2

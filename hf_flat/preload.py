@@ -46,6 +46,9 @@ def run_child(argv, log):
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
+        null = os.open(os.devnull, os.O_RDONLY)  # fd 0 is the worker's request pipe: not for the run
+        os.dup2(null, 0)
+        os.close(null)
         sys.stdin = open(os.devnull)
         sys.argv = list(argv)
         sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))

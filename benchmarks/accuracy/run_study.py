@@ -132,6 +132,10 @@ def page(opts, studies):
              "are in the script's docstring; every tuning run is listed below.", "",
              "Cost: training time (`train_runtime`) over the plain Trainer's with the same seed, mean ± SE over "
              "seeds, runs going two at a time on one CPU thread each of a 2-core machine.", ""]
+    reading = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reading.md")
+    if os.path.isfile(reading):  # what the tables show, written by hand after the run that made them
+        with open(reading) as f:
+            lines += [f.read().strip(), ""]
     for setting, study in studies.items():
         lines += [f"## {LABELS[setting]}", "", "| method | chosen on held-out data | test accuracy (%) | paired "
                   "difference to none (points) | training time vs none |", "|---|---|---|---|---|"]

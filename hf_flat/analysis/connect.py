@@ -60,7 +60,8 @@ class CurveModel(nn.Module):
     """`model` at phi(t) of the curve from `a` to `b` (lists of tensors shaped like the model's
     trainable parameters) through the trainable bend. In training mode each forward draws
     t ~ U(0, 1) from its own generator (seeded with `seed`); with `t` set, it runs at that t.
-    The wrapped model's own weights are not trained or changed."""
+    The wrapped model's own weights are not changed; they are frozen (requires_grad False) so that
+    an optimizer over this module trains the bend alone (`fit_curve` unfreezes them afterwards)."""
 
     accepts_loss_kwargs = False  # the Trainer then passes only the batch to forward
 
@@ -145,17 +146,25 @@ def evaluate_curve(curve, eval_sets: dict, ts, train_batches=None, metric=accura
     """Loss and metric of every data set at phi(t) for each t (BatchNorm recomputed on
     `train_batches` when given), as `interpolate` returns them for the straight line."""
     model = curve.model
+    params = dict(model.named_parameters())
+    saved = {n: p.requires_grad for n, p in params.items()}
+    for n, p in params.items():  # the curve's parameters are the ones `weights_at` sets
+        p.requires_grad_(n in curve.names)
     if [name for name, _ in trainable(model)] != curve.names:
-        raise ValueError("the model's trainable parameters are no longer those the curve was fitted on")
+        raise ValueError("the model's parameters are no longer those the curve was built on")
     device = next(model.parameters()).device
     rows = []
-    with torch.no_grad():
-        for t in ts:
-            point = [w.detach().to(device) for w in curve.point(float(t))]
-            with weights_at(model, point, train_batches):
-                rows.append({"t": float(t), **{n: evaluate(model, b, metric) for n, b in eval_sets.items()}})
-            if progress:
-                progress(len(rows), len(ts))
+    try:
+        with torch.no_grad():
+            for t in ts:
+                point = [w.detach().to(device) for w in curve.point(float(t))]
+                with weights_at(model, point, train_batches):
+                    rows.append({"t": float(t), **{n: evaluate(model, b, metric) for n, b in eval_sets.items()}})
+                if progress:
+                    progress(len(rows), len(ts))
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(saved[n])
     return rows
 
 
