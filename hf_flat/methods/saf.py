@@ -40,7 +40,18 @@ class IndexedDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        example = self.dataset[index]
+        return self._indexed(self.dataset[index], index)
+
+    def __getitems__(self, indices):
+        """A batch of examples in one call, as torch's DataLoader fetches them when the dataset can
+        (a `datasets.Dataset` reads a whole batch at once: example by example, the fetch took a
+        third of a small model's step)."""
+        fetch = getattr(self.dataset, "__getitems__", None)
+        examples = fetch(indices) if fetch else [self.dataset[i] for i in indices]
+        return [self._indexed(example, i) for example, i in zip(examples, indices)]
+
+    @staticmethod
+    def _indexed(example, index):
         if not isinstance(example, Mapping):
             raise TypeError(
                 f"flat_method='saf' needs examples that map names to values (a dict, as the Trainer uses), "
