@@ -99,6 +99,13 @@ def run_report(args) -> dict:
                     pair["barriers"][f"line/{name}/{quantity}"] = barrier(rows, name, quantity)
         if (i, j) in pairs_of_curves:
             folder, found = pairs_of_curves[(i, j)]
+            theirs = found.get("arguments", {})
+            differ = [k for k in ("data", "data_config", "train_split", "eval_split", "max_train_samples",
+                                  "max_eval_samples", "max_length") if theirs.get(k) != getattr(args, k)]
+            if differ:
+                notes.append(f"the curve of {folder} was evaluated with other data settings ("
+                             + ", ".join(f"{k}={theirs.get(k)!r} there, {getattr(args, k)!r} here" for k in differ)
+                             + "): its barriers are its own run's")
             pair["curve_from"] = folder
             pair["curve_kind"] = found.get("kind")
             pair["barriers"].update({k: v for k, v in found["barriers"].items() if k.startswith("curve/")})
