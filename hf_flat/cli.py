@@ -368,14 +368,7 @@ def run_soup(args) -> dict:
     paths = args.models
     if len(paths) < 2:
         raise UsageError(f"one model given ({paths[0]}): a soup averages two or more models.")
-    weights = args.weights if isinstance(args.weights, list) else [args.weights]
-    if len(weights) not in (1, len(paths)):
-        raise UsageError(f"--weights {' '.join(weights)}: give one value for all models, or one per model ({len(paths)}).")
-    weights = weights * len(paths) if len(weights) == 1 else weights
-    for path, which in zip(paths, weights):
-        model_folder(path)
-        if which == "averaged":
-            flat_state_file(path)
+    weights = weights_per_model(paths, args.weights)
     if args.greedy and args.data is None:
         raise UsageError("--greedy ranks the models and tests each addition on held-out data: pass --data "
                          "(its --eval_split scores them).")
@@ -501,6 +494,20 @@ def run_connect(args, models, names, data, results, notes) -> list[str]:
         where = "" if value["at"] is None else f" at t {value['at']:g}"
         summary.append(f"  barrier {key}: {_f(value['height'])}{where}")
     return summary
+
+
+def weights_per_model(paths, weights) -> list[str]:
+    """--weights as one value per model (one value given: for all), each model folder checked, and
+    each 'averaged' one checked for the flat state file that holds its average."""
+    weights = weights if isinstance(weights, list) else [weights]
+    if len(weights) not in (1, len(paths)):
+        raise UsageError(f"--weights {' '.join(weights)}: give one value for all models, or one per model ({len(paths)}).")
+    weights = weights * len(paths) if len(weights) == 1 else weights
+    for path, which in zip(paths, weights):
+        model_folder(path)
+        if which == "averaged":
+            flat_state_file(path)
+    return weights
 
 
 def check_counts(args):

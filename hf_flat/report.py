@@ -35,18 +35,11 @@ def _row(value):
 
 
 def run_report(args) -> dict:
-    from .cli import check_counts, finish, flat_state_file, has_batchnorm, load_average, load_model, model_folder
-    from .cli import model_name, prepare, sharpness_measures
+    from .cli import check_counts, finish, has_batchnorm, load_average, load_model, model_name, prepare
+    from .cli import sharpness_measures, weights_per_model
 
     paths = args.models
-    weights = args.weights if isinstance(args.weights, list) else [args.weights]
-    if len(weights) not in (1, len(paths)):
-        raise UsageError(f"--weights {' '.join(weights)}: give one value for all models, or one per model ({len(paths)}).")
-    weights = weights * len(paths) if len(weights) == 1 else weights
-    for path, which in zip(paths, weights):
-        model_folder(path)
-        if which == "averaged":
-            flat_state_file(path)
+    weights = weights_per_model(paths, args.weights)
     check_counts(args)
     keys = [(os.path.abspath(p), w) for p, w in zip(paths, weights)]
     if len(set(keys)) != len(keys):

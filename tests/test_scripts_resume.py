@@ -140,7 +140,7 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, tiny_robe
     saved = json.loads((resumed / "all_results.json").read_text())
     assert saved["flat_method"] == method and isinstance(saved["flat_warnings"], list)
     expected = {"wasam": {"sam_rho", "sam_m", "sam_scope", "sam_start", "sam_interval", "average_start", "average_freq",
-                          "average_bn_batches"},
+                          "average_bn_batches", "swa_lr", "swa_anneal_steps", "swa_anneal_strategy", "swa_cycle_steps"},
                 "saf": {"saf_lambda", "saf_tau", "saf_start_epoch", "saf_past_epochs"},
                 "mesa": {"mesa_lambda", "mesa_tau", "mesa_decay", "mesa_start_epoch"}}[method]
     assert set(saved["flat_settings"]) == expected
