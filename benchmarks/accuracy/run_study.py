@@ -120,7 +120,7 @@ def page(opts, studies):
     lines = ["# Accuracy and cost of every method on digits", "",
              "Written by `benchmarks/accuracy/run_study.py` (rerun: `.venv/bin/python benchmarks/accuracy/run_study.py`); "
              "every number below is in `benchmarks/accuracy/results.json`.", "",
-             f"Task: the README's main job. A ViT (hidden 64, 2 layers, patch 2) trained from scratch for {opts.epochs} "
+             f"Task: that of the README's main job. A ViT (hidden 64, 2 layers, patch 2) trained from scratch for {opts.epochs} "
              "epochs on scikit-learn's 8x8 digits (1,437 training images, 360 test images), AdamW at 2e-3, batch 32, "
              f"seeds {', '.join(map(str, opts.seeds))} (a seed fixes initialisation, data order and the noisy labels). "
              "With 40% label noise, 40% of the training labels are replaced by a different class drawn uniformly "
@@ -136,6 +136,8 @@ def page(opts, studies):
     if os.path.isfile(reading):  # what the tables show, written by hand after the run that made them
         with open(reading) as f:
             lines += [f.read().strip(), ""]
+    plot_path = os.path.relpath(opts.plot, os.path.dirname(os.path.abspath(opts.page)))
+    lines += [f"![test accuracy against training time relative to the plain Trainer]({plot_path})", ""]
     for setting, study in studies.items():
         lines += [f"## {LABELS[setting]}", "", "| method | chosen on held-out data | test accuracy (%) | paired "
                   "difference to none (points) | training time vs none |", "|---|---|---|---|---|"]
