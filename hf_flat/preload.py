@@ -78,6 +78,7 @@ def serve(answer_fd, script):
         request = json.loads(line)
         pid = os.fork()
         if pid == 0:
+            answers.close()  # the answer pipe is the worker's: a run (or what it starts) must not hold it open
             run_child(request["argv"], request["log"])
         _, status = os.waitpid(pid, 0)
         answers.write(json.dumps({"code": os.waitstatus_to_exitcode(status)}) + "\n")
