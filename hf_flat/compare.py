@@ -56,6 +56,7 @@ the config file's contents, the arguments after ``--``, the method, the seed and
 
 import argparse
 import codecs
+import contextlib
 import concurrent.futures
 import csv
 import difflib
@@ -200,18 +201,14 @@ def tunable(method, grid, method_grid=None):
     return keep
 
 
-def script_flags(args, runner=None):
+def script_flags(args, runner):
     """The flags the script accepts, read from its ``--help`` (both ``--a_b`` and ``--a-b`` spellings),
-    run by `runner` (so from a preloaded worker) when given."""
-    if runner is None or args.fresh_processes:
-        done = subprocess.run([args.python, args.script, "--help"], capture_output=True, text=True)
-        code, text = done.returncode, done.stdout + done.stderr
-    else:
-        os.makedirs(args.output_dir, exist_ok=True)
-        path = os.path.join(args.output_dir, "script-help.txt")
-        code = runner.run([args.script, "--help"], path, echo=False)
-        with open(path, errors="replace") as f:
-            text = f.read()
+    run the way the runs are run (`runner`: in a preloaded worker, or a fresh process)."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, "script-help.txt")
+    code = runner.run([args.script, "--help"], path, echo=False)
+    with open(path, errors="replace") as f:
+        text = f.read()
     flags = set(re.findall(r"(?<![\w-])--([A-Za-z][\w-]*)", text))
     if code != 0 or not flags:
         last = text.strip().splitlines()[-1:] or ["no output"]
@@ -220,7 +217,7 @@ def script_flags(args, runner=None):
     return flags | {f.replace("-", "_") for f in flags}
 
 
-def check_command(args, log, runner=None):
+def check_command(args, log, runner):
     """Every check that needs no training; raises `UserError` with what to do."""
     from .args import parse_flat_method
 
@@ -386,11 +383,8 @@ class _Worker:
         return json.loads(line)["code"]
 
     def close(self):
-        if self.process.stdin and not self.process.stdin.closed:
-            try:
-                self.process.stdin.close()
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):  # a worker that died has closed its end already
+            self.process.stdin.close()
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -621,17 +615,6 @@ def report(args, rows, scale, chosen, warnings, failures, runs, tuning=None):
     return "\n\n".join(parts)
 
 
-def compare(args, log, runner=None):
-    os.makedirs(args.output_dir, exist_ok=True)
-    own = runner is None
-    runner = runner or Runner(args)
-    try:
-        return _compare(args, log, runner)
-    finally:
-        if own:
-            runner.close()
-
-
 def _tune(args, log, runner):
     """({method: chosen setting, or None when every tuning run failed}, {method: tuning runs}, failures).
     A method with one combination runs it as it is; more are tried on held-out data with the first seed."""
@@ -670,7 +653,9 @@ def _tune(args, log, runner):
     return chosen, tuning, failures
 
 
-def _compare(args, log, runner):
+def compare(args, log, runner):
+    """Tune, run every method and seed, write the table; the exit status (see the module docstring)."""
+    os.makedirs(args.output_dir, exist_ok=True)
     chosen, tuning, failures = _tune(args, log, runner)
     scores, runs, warnings = {m: {} for m in args.methods}, [], {}
     todo = [(seed, m) for seed in args.seeds for m in args.methods if chosen[m] is not None]

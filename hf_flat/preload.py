@@ -33,8 +33,8 @@ def preload(script):
         if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
             try:
                 exec(compile(ast.Module([node], []), script, "exec"), {})
-            except Exception:  # noqa: BLE001  (the run itself will report it)
-                pass
+            except Exception as error:  # noqa: BLE001  (each run meets it again and reports it in its log)
+                print(f"preload: {ast.unparse(node)} failed: {error!r}", file=sys.stderr)
     del sys.path[0]
 
 
