@@ -32,6 +32,41 @@ PERTURBATION_SETTINGS = {"sam_m": None, "sam_scope": None, "sam_start": 0.0, "sa
 AVERAGING_METHODS = ("swa", "ema", "lawa")
 #: SWA's learning-rate schedule (`hf_flat.swa_schedule`), with its defaults.
 SWA_SCHEDULE_SETTINGS = {"swa_lr": None, "swa_anneal_steps": 0, "swa_anneal_strategy": "cos", "swa_cycle_steps": 0}
+#: The arguments that apply to each part of a `flat_method` (recorded by the example scripts and in model cards).
+FLAT_SETTINGS = {
+    "sam": ("sam_rho", *PERTURBATION_SETTINGS),
+    "asam": ("sam_rho", "asam_eta", *PERTURBATION_SETTINGS),
+    "avg_sam": ("sam_rho", *PERTURBATION_SETTINGS),
+    "gsam": ("sam_rho", "gsam_alpha", "gsam_rho_min", *PERTURBATION_SETTINGS),
+    "looksam": ("sam_rho", "looksam_k", "looksam_alpha", "sam_start"),
+    "esam": ("sam_rho", "esam_beta", "esam_gamma", "sam_start", "sam_interval"),
+    "saf": ("saf_lambda", "saf_tau", "saf_start_epoch", "saf_past_epochs"),
+    "mesa": ("mesa_lambda", "mesa_tau", "mesa_decay", "mesa_start_epoch"),
+    "swa": ("average_start", "average_freq", "average_bn_batches", *SWA_SCHEDULE_SETTINGS),
+    "ema": ("average_start", "ema_decay", "average_bn_batches", *SWA_SCHEDULE_SETTINGS),
+    "lawa": ("average_start", "average_freq", "lawa_k", "average_bn_batches", *SWA_SCHEDULE_SETTINGS),
+}
+#: Each method's paper, as a model card cites it.
+METHOD_PAPERS = {
+    "sam": "SAM: Foret, Kleiner, Mobahi, Neyshabur, \"Sharpness-Aware Minimization for Efficiently Improving "
+    "Generalization\", ICLR 2021, arXiv 2010.01412",
+    "asam": "ASAM: Kwon, Kim, Park, Choi, \"ASAM: Adaptive Sharpness-Aware Minimization for Scale-Invariant Learning of "
+    "Deep Neural Networks\", ICML 2021, arXiv 2102.11600",
+    "avg_sam": "average SAM (random perturbations): Boca, Cross, Holm, Korkmaz, \"Towards an Even Better Understanding "
+    "of Sharpness-Aware Minimisation\", University of Cambridge, 2023",
+    "gsam": "GSAM: Zhuang et al., \"Surrogate Gap Guided Sharpness-Aware Minimization\", ICLR 2022, arXiv 2203.08065",
+    "looksam": "LookSAM: Liu et al., \"Towards Efficient and Scalable Sharpness-Aware Minimization\", CVPR 2022, "
+    "arXiv 2203.02714",
+    "esam": "ESAM: Du et al., \"Efficient Sharpness-aware Minimization for Improved Training of Neural Networks\", "
+    "ICLR 2022, arXiv 2110.03141",
+    "saf": "SAF: Du, Zhou, Feng, Tan, Zhou, \"Sharpness-Aware Training for Free\", NeurIPS 2022, arXiv 2205.14083",
+    "mesa": "MESA: Du, Zhou, Feng, Tan, Zhou, \"Sharpness-Aware Training for Free\", NeurIPS 2022, arXiv 2205.14083",
+    "swa": "SWA: Izmailov, Podoprikhin, Garipov, Vetrov, Wilson, \"Averaging Weights Leads to Wider Optima and Better "
+    "Generalization\", UAI 2018, arXiv 1803.05407",
+    "ema": "EMA: an exponential moving average of the weights",
+    "lawa": "LAWA: Kaddour, \"Stop Wasting My Time! Saving Days of ImageNet and BERT Training with Latest Weight "
+    "Averaging\", arXiv 2209.14981",
+}
 #: Names the papers use for combinations.
 ALIASES = {"wasam": "sam+swa"}
 #: Optimizers that update the weights inside `backward()`: a two-pass step cannot run with them.

@@ -30,7 +30,9 @@ and updating it needs no communication. Checkpoints store it by rows of the whol
 import contextlib
 import json
 import math
+import os
 import random
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -43,12 +45,15 @@ from transformers.utils import logging
 
 from .methods.two_pass import start_step
 from .sharding import ShardedTensor, is_sharded, local, reshard, rows_of
-from .state_file import rows_of_state, shape_in_state
+from .state_file import load_flat_state, rows_of_state, save_flat_state, shape_in_state
 
 logger = logging.get_logger(__name__)
 
 #: Bumped when the layout of the averaging entries in the checkpoint file changes.
 STATE_VERSION = "1"
+#: The file in each checkpoint folder that holds the average of a `WeightAveraging` used on its own
+#: (inside a flat trainer the average is part of ``hf_flat_state.safetensors``).
+AVERAGING_STATE_NAME = "hf_flat_averaging.safetensors"
 
 
 def recompute_batchnorm(model: nn.Module, batches) -> bool:
@@ -89,8 +94,24 @@ def preserved_rng_state():
 
 
 class WeightAveraging(TrainerCallback):
-    """SWA or EMA of the trainable weights; `FlatTrainer` adds it for ``flat_method`` ``swa``,
-    ``ema``, ``wasam`` or ``<perturbation>+<averaging>``.
+    """SWA, EMA or LAWA of the trainable weights, as a `TrainerCallback`. The flat trainers add it
+    for ``flat_method`` ``swa``, ``ema``, ``lawa``, ``wasam`` or ``<perturbation>+<averaging>``; it
+    also works on its own, on any Trainer (the plain one, TRL's `SFTTrainer` / `DPOTrainer`, ...):
+
+        >>> trainer = SFTTrainer(model=model, args=SFTConfig("out", save_steps=50), train_dataset=train,
+        ...                      callbacks=[WeightAveraging("ema", start=0.5, decay=0.999)])
+
+    On its own it averages exactly as inside a flat trainer, puts the average into the model at the
+    end of training, writes it into each checkpoint folder (``hf_flat_averaging.safetensors``) and
+    restores it on resume (from a checkpoint in ``output_dir``), and adds ``eval_avg_loss`` (the
+    model's own loss on the evaluation batches, averaged over the samples) to what each evaluation
+    during training returns and to ``trainer.state.log_history``; list it before an
+    `EarlyStoppingCallback` that watches ``eval_avg_loss``. What needs a flat trainer
+    (`hf_flat.flat_trainer_class`), and is refused or warned about here: every other ``eval_avg_``
+    metric (``compute_metrics``, TRL's metrics, generated ones) and the averaged metrics in the
+    reporting integrations' logs; models with BatchNorm (recomputing its statistics needs the
+    training batches in order); FSDP; SWA's learning-rate schedule (``swa_lr``); the average in a
+    checkpoint pushed to the Hub, and in hyperparameter-search trials.
 
     The average is kept per parameter *name*, so it always lands in the layer it came from.
     Parameters may join or leave the trainable set during training (gradual unfreezing, a callback
@@ -114,7 +135,11 @@ class WeightAveraging(TrainerCallback):
             model, for the BatchNorm recomputation.
     """
 
+    #: True when a flat trainer evaluates and checkpoints the average (the callback then only averages).
+    managed = False
+
     def __init__(self, method, start=0.75, freq=0, decay=0.999, on_cpu=False, batchnorm_batches=None, k=5, cycle=0):
+        _check_settings(method, start, freq, decay, k, cycle)
         self.method, self.start, self.freq, self.decay, self.on_cpu = method, start, freq, decay, on_cpu
         self.k, self.cycle = k, cycle
         self.update_fn = get_ema_multi_avg_fn(decay) if method == "ema" else get_swa_multi_avg_fn()
@@ -123,6 +148,8 @@ class WeightAveraging(TrainerCallback):
 
     def reset(self):
         """Forget the average (a new `train()` without resuming starts a new one)."""
+        self._training = False  # between on_train_begin and on_train_end
+        self._warned_no_loss = False
         self.average: dict[str, torch.Tensor] = {}  # parameter name -> float32 average (SWA, EMA)
         self.window: list[dict[str, torch.Tensor]] = []  # LAWA: the latest snapshots, oldest first
         self.count = 0  # snapshots in the SWA mean / EMA updates / LAWA snapshots so far
@@ -131,19 +158,100 @@ class WeightAveraging(TrainerCallback):
         self._restored = None  # (tensors, names) of an average restored from a checkpoint, until training begins
 
     # ---- schedule ------------------------------------------------------------------------
+    def _name(self, argument: str) -> str:
+        """How the user set `argument` (``start``, ``freq``): a training argument of a flat trainer
+        (``average_start``, ``average_freq``) or this callback's own."""
+        return {"start": "average_start", "freq": "average_freq"}[argument] if self.managed else argument
+
+    def _what(self, args) -> str:
+        return f"flat_method={args.flat_method!r}" if self.managed else f"WeightAveraging({self.method!r})"
+
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if self.method == "swa" and self.freq == 0 and train_dataloader is not None and not has_length(train_dataloader):
             raise ValueError(
-                f"flat_method={args.flat_method!r} with average_freq=0 takes a snapshot at the end of every epoch, but "
+                f"{self._what(args)} with {self._name('freq')}=0 takes a snapshot at the end of every epoch, but "
                 "the training data has no length (an IterableDataset), so the Trainer cannot tell where an epoch "
-                "ends. Set average_freq to the number of optimizer steps between snapshots."
+                f"ends. Set {self._name('freq')} to the number of optimizer steps between snapshots."
             )
+        self._training = True
+        if not self.managed:
+            self._begin_on_its_own(args, state, model)
         self.start_step = start_step(self.start, state.max_steps)
         reshard(model)  # (FSDP2: the sharded parameters, which the optimizer updates)
         self.params = dict(model.named_parameters())
         self._check_restored_average()
         if self.first_snapshot(state.max_steps) is None and self.count == 0:
-            logger.warning(self.no_snapshot_message(args.flat_method, state.max_steps, ended=False))
+            logger.warning(self.no_snapshot_message(self._what(args), state.max_steps, ended=False))
+
+    def _begin_on_its_own(self, args, state, model):
+        """As a callback on a trainer that is not a flat trainer: refuse what needs one, start a new
+        average, or restore it from the checkpoint being resumed (``output_dir/checkpoint-<step>``)."""
+        if any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules()):
+            raise ValueError(
+                f"{self._what(args)} as a plain callback cannot recompute the averaged weights' BatchNorm statistics "
+                "(that needs the training batches in order, which only the trainer has). Use a flat trainer: "
+                f"hf_flat.flat_trainer_class(YourTrainer) with flat_method={self.method!r}."
+            )
+        if any(is_sharded(p) for p in model.parameters()):
+            raise ValueError(
+                f"{self._what(args)} as a plain callback does not support FSDP. Use a flat trainer: "
+                f"hf_flat.flat_trainer_class(YourTrainer) with flat_method={self.method!r}."
+            )
+        logger.warning(
+            f"{self._what(args)} runs as a plain callback: evaluations during training get eval_avg_loss only (the "
+            "model's own loss), in what evaluate() returns and in state.log_history, not in the reporting "
+            "integrations' logs; a checkpoint pushed to the Hub or written in a hyperparameter-search trial lacks the "
+            "average. For every eval_avg_ metric and those, use a flat trainer: hf_flat.flat_trainer_class(YourTrainer)"
+            f" with flat_method={self.method!r}."
+        )
+        self.reset()
+        if state.global_step > 0:  # resuming: the Trainer loaded the checkpoint's state
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", AVERAGING_STATE_NAME)
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"{self._what(args)}: training resumes at step {state.global_step}, but {path} does not exist, so the "
+                    "average would start again from nothing. This callback writes the average into each checkpoint "
+                    "folder in output_dir: resume from a checkpoint of args.output_dir written with it, or train "
+                    "without this callback."
+                )
+            tensors, meta = load_flat_state(path)
+            self.load_state_dict(tensors, meta)
+
+    def on_save(self, args, state, control, **kwargs):
+        """On its own: the average goes into the checkpoint folder the Trainer has just written."""
+        if self.managed or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            logger.warning(
+                f"{self._what(args)}: no checkpoint folder {folder} to write the average into (a hyperparameter "
+                "search writes its checkpoints elsewhere): a resume from this checkpoint would lose the average."
+            )
+            return
+        save_flat_state(os.path.join(folder, AVERAGING_STATE_NAME), [self.state_dict()], f"WeightAveraging({self.method})")
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None, **kwargs):
+        """On its own, during training: ``eval_avg_loss``, the averaged weights' loss on the
+        evaluation batches, added to `metrics` (what `evaluate` returns, early stopping and best
+        checkpoints see) and to the evaluation's record in ``state.log_history``."""
+        if self.managed or not self._training or metrics is None or model is None or eval_dataloader is None:
+            return
+        prefix = next((k[: -len("_runtime")] for k in metrics if k.endswith("_runtime")), "eval")
+        if not self.count:  # no snapshot yet: the average is the live model
+            loss = metrics.get(f"{prefix}_loss")
+        else:
+            with self.swapped_in(model):
+                loss = evaluation_loss(model, eval_dataloader, args)
+        if loss is None:
+            if not self._warned_no_loss:
+                logger.warning(f"{self._what(args)}: the model returns no loss for the evaluation batches (the trainer "
+                               "computes it in compute_loss), so there is no eval_avg_loss; a flat trainer gives it.")
+                self._warned_no_loss = True
+            return
+        key = f"{averaged_prefix(prefix)}_loss"
+        metrics[key] = loss
+        if state.log_history and f"{prefix}_loss" in state.log_history[-1]:
+            state.log_history[-1][key] = loss
 
     def first_snapshot(self, max_steps) -> int | None:
         """The first step >= start_step that takes a snapshot (with `average_freq = 0`, the end of
@@ -156,10 +264,12 @@ class WeightAveraging(TrainerCallback):
         first = math.ceil(self.start_step / self.freq) * self.freq
         return first if first <= max_steps else None
 
-    def no_snapshot_message(self, flat_method, steps, ended) -> str:
+    def no_snapshot_message(self, what, steps, ended) -> str:
+        """`what`: ``flat_method='swa'`` or ``WeightAveraging('swa')``."""
+        start, freq = self._name("start"), self._name("freq")
         when = f"training ended at step {steps}" if ended else f"training runs {steps} optimizer steps"
         rule = (
-            f"average_freq={self.freq} takes snapshots at multiples of {self.freq} only, and none lies between "
+            f"{freq}={self.freq} takes snapshots at multiples of {self.freq} only, and none lies between "
             if self.method == "swa" and self.freq > 0
             else "averaging starts at "
         )
@@ -169,8 +279,8 @@ class WeightAveraging(TrainerCallback):
             else "so no averaged weights will be taken and the model will keep its last weights"
         )
         return (
-            f"flat_method={flat_method!r}: {rule}step {self.start_step} (average_start={self.start}) and {when}, "
-            f"{outcome}. Lower average_start{' or average_freq' if self.freq else ''}, or train longer."
+            f"{what}: {rule}step {self.start_step} ({start}={self.start}) and {when}, "
+            f"{outcome}. Lower {start}{f' or {freq}' if self.freq else ''}, or train longer."
         )
 
     def _check_restored_average(self):
@@ -323,14 +433,16 @@ class WeightAveraging(TrainerCallback):
                     b.copy_(buffers[k])
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._training = False
         if not self.count:
-            logger.warning(self.no_snapshot_message(args.flat_method, state.global_step, ended=True))
+            logger.warning(self.no_snapshot_message(self._what(args), state.global_step, ended=True))
             return
         if self.method == "swa" and self.count == 1:
+            start, freq = self._name("start"), self._name("freq")
             logger.warning(
-                f"flat_method={args.flat_method!r}: SWA took a single snapshot (steps {self.start_step} to "
-                f"{state.global_step}, average_start={self.start}, average_freq={self.freq}), so the averaged "
-                "model is the weights of that one step. Lower average_start, set average_freq, or train more epochs."
+                f"{self._what(args)}: SWA took a single snapshot (steps {self.start_step} to {state.global_step}, "
+                f"{start}={self.start}, {freq}={self.freq}), so the averaged model is the weights of that one step. "
+                f"Lower {start}, set {freq}, or train more epochs."
             )
         self.copy_to(model)
 
@@ -379,6 +491,58 @@ def _batchnorm_buffers(model):
         if isinstance(m, _BatchNorm)
         for buf_name, buf in m.named_buffers(recurse=False)
     }
+
+
+def averaged_prefix(metric_key_prefix: str) -> str:
+    """``eval`` -> ``eval_avg``, ``eval_a`` -> ``eval_avg_a``, ``test`` -> ``test_avg``."""
+    if metric_key_prefix == "eval" or metric_key_prefix.startswith("eval_"):
+        return metric_key_prefix.replace("eval", "eval_avg", 1)
+    return f"{metric_key_prefix}_avg"
+
+
+@torch.no_grad()
+def evaluation_loss(model, batches, args) -> float | None:
+    """The model's own loss over `batches` (the Trainer's evaluation data loader), averaged over the
+    samples of every process, in eval mode and the run's mixed precision; None if it returns none."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss x samples, samples
+    try:
+        for batch in batches:
+            with autocast:
+                outputs = model(**batch)
+            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs[0] if len(outputs) else None
+            if loss is None:
+                return None
+            size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+            total += torch.stack([loss.detach().double() * size, torch.tensor(float(size), dtype=torch.float64, device=device)])
+    finally:
+        model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def _check_settings(method, start, freq, decay, k, cycle):
+    """Refuse bad constructor values of `WeightAveraging`, naming the argument and what is allowed."""
+    def refuse(name, value, allowed):
+        raise ValueError(f"WeightAveraging({name}={value!r}) is not allowed: it must be {allowed}.")
+
+    if method not in ("swa", "ema", "lawa"):
+        refuse("method", method, "'swa', 'ema' or 'lawa'")
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start < 1:
+        refuse("start", start, "a number in [0, 1): the fraction of the optimizer steps after which averaging begins")
+    if isinstance(freq, bool) or not isinstance(freq, int) or freq < 0:
+        refuse("freq", freq, "an integer >= 0 (0: a snapshot at the end of every epoch)")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+        refuse("decay", decay, "in (0, 1)")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        refuse("k", k, "an integer >= 1")
+    if isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < 0:
+        refuse("cycle", cycle, "an integer >= 0")
 
 
 def build_averaging(args, batchnorm_batches=None) -> WeightAveraging | None:

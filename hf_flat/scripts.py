@@ -10,25 +10,9 @@ from contextlib import contextmanager
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .args import PERTURBATION_SETTINGS, SWA_SCHEDULE_SETTINGS
+from .args import FLAT_SETTINGS
 
 logger = logging.getLogger(__name__)
-
-#: The arguments that apply to each part of a `flat_method`, recorded in `flat_settings`.
-FLAT_SETTINGS = {
-    "sam": ("sam_rho", *PERTURBATION_SETTINGS),
-    "asam": ("sam_rho", "asam_eta", *PERTURBATION_SETTINGS),
-    "avg_sam": ("sam_rho", *PERTURBATION_SETTINGS),
-    "gsam": ("sam_rho", "gsam_alpha", "gsam_rho_min", *PERTURBATION_SETTINGS),
-    "looksam": ("sam_rho", "looksam_k", "looksam_alpha", "sam_start"),
-    "esam": ("sam_rho", "esam_beta", "esam_gamma", "sam_start", "sam_interval"),
-    "saf": ("saf_lambda", "saf_tau", "saf_start_epoch", "saf_past_epochs"),
-    "mesa": ("mesa_lambda", "mesa_tau", "mesa_decay", "mesa_start_epoch"),
-    "swa": ("average_start", "average_freq", "average_bn_batches", *SWA_SCHEDULE_SETTINGS),
-    "ema": ("average_start", "ema_decay", "average_bn_batches", *SWA_SCHEDULE_SETTINGS),
-    "lawa": ("average_start", "average_freq", "lawa_k", "average_bn_batches", *SWA_SCHEDULE_SETTINGS),
-}
-
 
 class ScriptError(ValueError):
     """A mistake in a script's arguments or data, shown by `run` as one line without a traceback."""

@@ -1,11 +1,21 @@
-"""`FlatTrainer`: the Hugging Face `Trainer` with flat-minima methods.
+"""The flat trainers: the Hugging Face `Trainer`, or any subclass of it, with flat-minima methods.
 
-The trainer stays thin: it builds the methods that `args.flat_method` names and delegates to
-them: two-pass steps (`hf_flat.methods.sam`), trajectory losses (`hf_flat.methods.saf` /
-`mesa`) and weight averaging (`hf_flat.averaging`, a callback). Everything else (gradient
-accumulation, clipping, mixed precision, DDP, FSDP, checkpoints, evaluation) is the Trainer's own
-code. Under FSDP2 the methods work on each process's rows of the sharded parameters
-(`hf_flat.sharding`) and checkpoints hold the flat state in shard files (`hf_flat.state_file`).
+`FlatTrainerMixin` holds the flat behaviour; `flat_trainer_class(Base)` puts it on top of any
+`Trainer` subclass (TRL's `SFTTrainer` and `DPOTrainer`, `Seq2SeqTrainer`, a user's own), and
+`FlatTrainer` / `FlatSeq2SeqTrainer` are it over `Trainer` / `Seq2SeqTrainer`. The mixin stays thin:
+it builds the methods that `args.flat_method` names and delegates to them: two-pass steps
+(`hf_flat.methods.sam`, ...), trajectory losses (`hf_flat.methods.saf` / `mesa`) and weight
+averaging (`hf_flat.averaging`, a callback). Everything else (gradient accumulation, clipping,
+mixed precision, DDP, FSDP, checkpoints, evaluation, and all the base trainer's own work: its loss,
+its metrics, generation) is the base trainer's code. Under FSDP2 the methods work on each process's
+rows of the sharded parameters (`hf_flat.sharding`) and checkpoints hold the flat state in shard
+files (`hf_flat.state_file`).
+
+**On top of another trainer.** The base trainer's `compute_loss` is the loss in every pass; its
+running metrics (TRL's ``num_tokens``, ``mean_token_accuracy``, DPO's ``rewards/*``) count pass 1
+only (`hf_flat.base_trainers.metrics_unchanged`), and at evaluation the averaged weights get an
+``eval_avg_`` copy of each. The flat methods come first in the MRO whichever order a user lists the
+bases (`FlatFirst`), and constructor arguments pass through as the base class defines them.
 
 Private `Trainer` members it still relies on, because no public hook does the same job, and the
 tests that fail if their behaviour changes:
@@ -22,9 +32,13 @@ tests that fail if their behaviour changes:
   when BatchNorm is recomputed: the BatchNorm tests in tests/test_averaging.py compare with a hand pass.
 - `_set_signature_columns_if_needed` / `_signature_columns`, so that SAF's sample index survives
   column removal: the SAF tests with a `datasets.Dataset` and extra columns.
+- TRL's ``_metrics`` / ``_total_train_tokens`` (`hf_flat.base_trainers.METRIC_STATE`): the step-1
+  metric tests in tests/test_trl.py.
 """
 
+import contextlib
 import dataclasses
+import inspect
 import itertools
 import json
 import math
@@ -35,23 +49,26 @@ import torch
 from accelerate.utils import DistributedType
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import (
     PREFIX_CHECKPOINT_DIR, default_compute_objective, get_last_checkpoint, speed_metrics,
 )
 from transformers.utils import logging
 
+from . import base_trainers
 from .args import (
-    FlatArgumentsMixin, FlatTrainingArguments, deepspeed_refusal, flat_arguments_class, fsdp1_refusal, sharded_scope_refusal,
+    FLAT_SETTINGS, METHOD_PAPERS, FlatArgumentsMixin, FlatTrainingArguments, deepspeed_refusal, flat_arguments_class, fsdp1_refusal,
+    sharded_scope_refusal,
 )
-from .averaging import build_averaging
+from .averaging import WeightAveraging, averaged_prefix, build_averaging
+from .methods import ESAM, MESA, SAF, build_perturbation, build_trajectory
+from .methods.outputs import captured_forward
+from .methods.saf import INDEX_KEY, IndexedCollator, IndexedDataset
+from .methods.trajectory import is_causal_lm
 from .methods.two_pass import start_step
 from .state_file import is_sharded_state, load_flat_state, save_flat_state, save_shard_file
-from .methods import MESA, SAF, build_perturbation, build_trajectory
 from .swa_schedule import SWASchedule
-from .methods.saf import INDEX_KEY, IndexedCollator, IndexedDataset
-from .methods.trajectory import logits_of, returns_loss_first
 
 logger = logging.get_logger(__name__)
 
@@ -59,28 +76,45 @@ logger = logging.get_logger(__name__)
 FLAT_STATE_NAME = "hf_flat_state.safetensors"
 
 
-def as_flat_args(args: TrainingArguments | None) -> FlatArgumentsMixin:
+def as_flat_args(args: TrainingArguments | None, warn: bool = False) -> FlatArgumentsMixin:
     """Flat arguments from what the user passed: flat arguments as they are; a plain
-    `TrainingArguments` or any subclass (e.g. `Seq2SeqTrainingArguments`) becomes an instance of
-    `flat_arguments_class(type(args))` that keeps every value and has `flat_method='none'`;
-    `None` gives the Trainer's default output folder."""
+    `TrainingArguments` or any subclass (e.g. `Seq2SeqTrainingArguments`, TRL's `SFTConfig`) becomes
+    an instance of `flat_arguments_class(type(args))` that keeps every value and has
+    ``flat_method='none'`` (logged as a warning if `warn`); `None` gives the Trainer's default output folder."""
     if args is None:
         return FlatTrainingArguments(output_dir="trainer_output")
     if isinstance(args, FlatArgumentsMixin):
         return args
     if isinstance(args, TrainingArguments):
+        name = type(args).__name__
+        if warn:
+            logger.warning(
+                f"args is a {name}, which has no hf-flat fields: this trainer converts it and trains with "
+                f"flat_method='none' (the plain {name} behaviour). For a flat method, build the arguments with "
+                f"hf_flat.flat_arguments_class({name})(..., flat_method='sam')."
+            )
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
         return flat_arguments_class(type(args))(**values)
     raise TypeError(f"args must be a FlatTrainingArguments (hf_flat.TrainingArguments), not {type(args).__name__}.")
 
 
-class FlatTrainer(Trainer):
-    """A `transformers.Trainer` that trains with the method `args.flat_method` names.
+class FlatFirst(type):
+    """The metaclass of the flat trainers: in every class built from them, the flat classes come
+    right after the class itself in the MRO, before any other `Trainer` subclass among its bases.
 
-    Example:
-        >>> from hf_flat import FlatTrainer, TrainingArguments
-        >>> args = TrainingArguments("out", flat_method="sam", sam_rho=0.05)
-        >>> FlatTrainer(model=model, args=args, train_dataset=train).train()
+    So ``class X(DPOTrainer, FlatTrainer)`` behaves as ``class X(FlatTrainer, DPOTrainer)`` and as
+    ``flat_trainer_class(DPOTrainer)``: the flat methods wrap DPO's training step, loss and
+    evaluation, whichever order the bases are written in. The class's own methods stay first.
+    """
+
+    def mro(cls):
+        order = super().mro()
+        flat = [c for c in order[1:] if isinstance(c, FlatFirst)]
+        return [order[0], *flat, *(c for c in order[1:] if not isinstance(c, FlatFirst))]
+
+
+class FlatTrainerMixin(metaclass=FlatFirst):
+    """The flat-minima methods for a `transformers.Trainer` subclass; see `flat_trainer_class`.
 
     With SAM or ASAM every training log also carries ``perturbed_loss``, L(w + e), and
     ``sharpness`` = L(w + e) - L(w), averaged like ``loss`` but over the perturbed optimizer steps
@@ -91,12 +125,30 @@ class FlatTrainer(Trainer):
     With SAF or MESA the loss gains the trajectory term, logged as ``trajectory_loss`` beside
     ``task_loss``.
 
-    With an averaging method (SWA, EMA) each evaluation during training also evaluates the averaged
-    weights (metrics prefixed ``eval_avg_``), and at the end of training the model holds them.
+    With an averaging method (SWA, EMA, LAWA) each evaluation during training also evaluates the
+    averaged weights (every metric the base trainer computes, prefixed ``eval_avg_``), and at the
+    end of training the model holds them.
     """
 
-    def __init__(self, model=None, args=None, *positional, **kwargs):
-        super().__init__(model, as_flat_args(args), *positional, **kwargs)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        why = base_trainers.refusal(cls)
+        if why:
+            raise TypeError(f"{cls.__name__}: {why}")
+
+    def __init__(self, *args, **kwargs):
+        # `args` passes through as the base class's own signature places it (DPOTrainer's is third)
+        init = super().__init__
+        signature = inspect.signature(init)
+        if base_trainers.parameter_named(signature, "args") is None:  # a base taking *args, **kwargs
+            signature = inspect.signature(Trainer.__init__).replace(
+                parameters=list(inspect.signature(Trainer.__init__).parameters.values())[1:])
+        bound = signature.bind_partial(*args, **kwargs)
+        if bound.arguments.get("args") is not None:
+            bound.arguments["args"] = as_flat_args(bound.arguments["args"], warn=True)
+        init(*bound.args, **bound.kwargs)
+        if not isinstance(self.args, FlatArgumentsMixin):  # none given: the base built its default config
+            self.args = as_flat_args(self.args)
         self._flat_callbacks = []  # the method objects that are callbacks, registered with the Trainer
         self._flat_checkpoint = None  # the checkpoint whose flat state the methods restore
         self._log_sums = {}  # name -> sum since the last training log (on device), e.g. perturbed_loss
@@ -105,8 +157,8 @@ class FlatTrainer(Trainer):
         self._perturbed_step = False  # the current optimizer step is a perturbed one
         self._sample_indices = None  # SAF: the current micro-batch's indices in train_dataset
         self._training_micro_batch = False
+        self._reached_compute_loss = False  # this micro-batch's loss went through this class's compute_loss
         self._loss_share, self._loss_share_applied = 1, False  # sam_m: the current chunk's share of its micro-batch
-        self._keep_outputs, self._kept_outputs = False, None  # forward_backward_with_outputs
         self._evaluating = False  # inside evaluate(): evaluation loops also evaluate the average
         self._averaged_eval_seconds = {}  # metric prefix -> seconds its averaged evaluation took
         self._set_up_flat_methods()
@@ -127,12 +179,24 @@ class FlatTrainer(Trainer):
         self.perturbation = build_perturbation(self.args, sharded=self.is_fsdp_enabled)
         self.trajectory = build_trajectory(self.args)
         self.averaging = build_averaging(self.args, self._batchnorm_batches)
+        if self.averaging is not None:
+            self.averaging.managed = True  # this trainer evaluates and checkpoints it, not the callback itself
+            added = [type(c).__name__ for c in self.callback_handler.callbacks if isinstance(c, WeightAveraging)]
+            if added:
+                raise ValueError(
+                    f"flat_method={self.args.flat_method!r} already averages the weights, and a {added[0]} callback was "
+                    "added too: two averages would both write the final weights. Remove the callback, or train with "
+                    "a flat_method without averaging and keep the callback."
+                )
         self._flat_callbacks = [m for m in (self.trajectory, self.averaging) if isinstance(m, TrainerCallback)]
         # First in line, so every other callback sees their work: at on_train_end the model already
         # holds the averaged weights (reporting integrations, a callback that saves the model).
         self.callback_handler.callbacks[:0] = self._flat_callbacks
         if self._flat_checkpoint:
             self._load_flat_state(self._flat_checkpoint)
+        tags = flat_tags(self.args)
+        if tags and hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(tags)
 
     # ---- training --------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -168,7 +232,7 @@ class FlatTrainer(Trainer):
         if isinstance(self.trajectory, SAF):  # the sample indices never reach the model
             inputs = dict(inputs)
             self._sample_indices = inputs.pop(INDEX_KEY, None)
-        self._training_micro_batch = True
+        self._training_micro_batch, self._reached_compute_loss = True, False
         try:
             if self.perturbation is None:
                 loss = super().training_step(model, inputs, num_items_in_batch)
@@ -180,32 +244,40 @@ class FlatTrainer(Trainer):
                     self._perturbed_step = True
         finally:
             self._training_micro_batch = False
+        if self.trajectory is not None and not self._reached_compute_loss:
+            raise RuntimeError(self._bypass_message())
         if self.accelerator.sync_gradients:
             self._log_steps += 1
             self._log_perturbed_steps += int(self._perturbed_step)
             self._perturbed_step = False
         return loss
 
+    def _bypass_message(self) -> str:
+        owner = next(c for c in type(self).__mro__ if "compute_loss" in vars(c))
+        return (
+            f"flat_method={self.args.flat_method!r} adds its trajectory term to the loss in hf-flat's compute_loss, but "
+            f"{owner.__qualname__}.compute_loss (in {owner.__module__}) computed this micro-batch's loss without calling "
+            "super().compute_loss(...), so the term would silently never be added. Call "
+            "super().compute_loss(model, inputs, return_outputs, num_items_in_batch) from it and build your loss on "
+            "what it returns, or use a two-pass or averaging method, which work with any compute_loss."
+        )
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """`Trainer.compute_loss`, plus SAF's or MESA's trajectory loss on training micro-batches, or
-        times a ``sam_m`` chunk's share of its micro-batch (see `forward_backward`)."""
-        if self._keep_outputs:  # (forward_backward_with_outputs)
-            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            self._kept_outputs = outputs
-            return (loss, outputs) if return_outputs else loss
+        """The base trainer's `compute_loss`, plus SAF's or MESA's trajectory term on training
+        micro-batches, or times a ``sam_m`` chunk's share of its micro-batch (see `forward_backward`)."""
+        self._reached_compute_loss = True
         if self._loss_share != 1:
             self._loss_share_applied = True
-            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-            loss = loss * self._loss_share
-            return (loss, outputs) if return_outputs else loss
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return (result[0] * self._loss_share, *result[1:]) if return_outputs else result * self._loss_share
         if self.trajectory is None or not self._training_micro_batch:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        teacher_inputs = dict(inputs)  # compute_loss may pop the labels
-        target = self.trajectory.before_forward(self, teacher_inputs)
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        # `inputs` is now what the model got: without its labels, a tuple output has no loss first
-        logits = logits_of(outputs, self.model, returns_loss_first(inputs, self.label_names))
-        term = self.trajectory.term(self, logits, teacher_inputs, target)
+        batch = dict(inputs)  # compute_loss may pop the labels
+        target = self.trajectory.before_forward(self, batch)
+        with captured_forward(self.model) as seen:  # the outputs the base's loss was computed from
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        term = self.trajectory.term(self, seen, batch, target)
         if term is not None:
             self.trajectory.used = True
             accumulation = self.current_gradient_accumulation_steps
@@ -215,7 +287,7 @@ class FlatTrainer(Trainer):
             else:
                 self._add_to_log("trajectory_loss", term / accumulation)
             loss = loss + term
-        return (loss, outputs) if return_outputs else loss
+        return (loss, *result[1:]) if return_outputs else loss
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """Whether the Trainer leaves this loss undivided by the accumulation steps (its own rule)."""
@@ -238,9 +310,14 @@ class FlatTrainer(Trainer):
         finally:
             self.train_dataset, self.data_collator, self._signature_columns = saved
 
-    def forward_backward(self, model, inputs, num_items_in_batch=None, share=1):
-        """One forward and backward pass exactly as the plain Trainer runs it (loss scaling for
-        gradient accumulation and mixed precision included); the methods call it once per pass.
+    def forward_backward(self, model, inputs, num_items_in_batch=None, share=1, counted=True):
+        """One forward and backward pass exactly as the base trainer's `training_step` runs it (loss
+        scaling for gradient accumulation and mixed precision included); the methods call it once
+        per pass.
+
+        `counted=False`: a pass that is not the step's own (SAM's pass 2 at ``w + e``): the base
+        trainer's running metrics (TRL's ``num_tokens``, ``mean_token_accuracy``, ...) are left as
+        they were, so they count the step's pass 1 only, as in the plain trainer.
 
         `share` < 1: `inputs` is that share of the micro-batch (a chunk of ``sam_m`` samples), and
         its loss counts that much of the micro-batch's: `compute_loss` multiplies it by `share`, and
@@ -249,44 +326,44 @@ class FlatTrainer(Trainer):
         divided by it) stays that sum divided by `num_items_in_batch`, whether or not the Trainer
         believes the model normalises (it takes any model whose forward has ``**kwargs`` for one).
         """
-        if share == 1:
-            return super().training_step(model, dict(inputs), num_items_in_batch)
-        self._loss_share, self._loss_share_applied = share, False
-        items = None if num_items_in_batch is None else num_items_in_batch * share
-        try:
-            loss = super().training_step(model, dict(inputs), items)
-        finally:
-            self._loss_share = 1
+        with contextlib.nullcontext() if counted else base_trainers.metrics_unchanged(self):
+            if share == 1:
+                return super().training_step(model, dict(inputs), num_items_in_batch)
+            self._loss_share, self._loss_share_applied = share, False
+            items = None if num_items_in_batch is None else num_items_in_batch * share
+            try:
+                loss = super().training_step(model, dict(inputs), items)
+            finally:
+                self._loss_share = 1
         if not self._loss_share_applied:
             raise RuntimeError(
-                "sam_m weights each chunk's loss in FlatTrainer.compute_loss, which this trainer's compute_loss "
+                "sam_m weights each chunk's loss in hf-flat's compute_loss, which this trainer's compute_loss "
                 "override did not call: call super().compute_loss(...) from it, or set sam_m=None."
             )
         return loss
 
     def forward_backward_with_outputs(self, model, inputs, num_items_in_batch=None):
-        """`forward_backward`, also returning the model's outputs of that pass (ESAM reads each
-        sample's loss from them)."""
-        self._keep_outputs, self._kept_outputs = True, None
-        try:
+        """`forward_backward`, also returning what the model returned in that pass
+        (`hf_flat.methods.outputs.CapturedForward`; ESAM reads each sample's loss from it)."""
+        with captured_forward(self.model) as seen:
             loss = self.forward_backward(model, inputs, num_items_in_batch)
-        finally:
-            self._keep_outputs = False
-        outputs, self._kept_outputs = self._kept_outputs, None
-        return loss, outputs
+        return loss, seen
 
     def loss_and_outputs(self, model, inputs, num_items_in_batch=None):
-        """A training forward pass without backward (call it under `torch.no_grad`): the loss,
-        scaled as the Trainer scales the loss it logs, and the model's outputs."""
-        with self.compute_loss_context_manager():
-            loss, outputs = self.compute_loss(model, dict(inputs), True, num_items_in_batch)
+        """A training forward pass without backward (call it under `torch.no_grad`) that does not
+        count in the base trainer's metrics: the loss, scaled as the Trainer scales the loss it logs,
+        and what the model returned (`CapturedForward`)."""
+        with self.compute_loss_context_manager(), base_trainers.metrics_unchanged(self):
+            with captured_forward(self.model) as seen:
+                loss = self.compute_loss(model, dict(inputs), False, num_items_in_batch)
         if not self._loss_is_scaled_for_ga(num_items_in_batch):
             loss = loss / self.current_gradient_accumulation_steps
-        return loss.detach(), outputs
+        return loss.detach(), seen
 
     def _check_training_setup(self):
         """Refuse, before any step, what the chosen methods cannot do with this trainer's set-up."""
         self._check_sharded_setup()
+        self._check_base_trainer()
         streamed = isinstance(self.train_dataset, torch.utils.data.IterableDataset)
         if isinstance(self.trajectory, SAF) and streamed:
             raise ValueError(
@@ -305,6 +382,34 @@ class FlatTrainer(Trainer):
                 "IterableDataset. Set average_bn_batches to the number of training batches to use (for "
                 "example as many as one epoch has)."
             )
+
+    def _check_base_trainer(self):
+        """Refuse what the chosen method cannot do on this base trainer's batches and outputs."""
+        method = self.args.flat_method
+        preference = base_trainers.is_a(self, base_trainers.PREFERENCE_TRAINERS)
+        if preference and self.trajectory is not None:
+            raise ValueError(
+                f"flat_method={method!r} is not supported with {preference}: SAF and MESA compare the distribution a "
+                "model's forward gives for a batch of its inputs (classes, or next tokens) with a target, but a "
+                f"{preference} batch holds pairs of completions whose loss compares the policy with a reference model, "
+                "which already anchors it, and hf-flat defines no trajectory term for that. Use a two-pass method "
+                "('sam', 'asam', 'gsam', 'looksam', 'avg_sam') or averaging ('swa', 'ema', 'lawa', 'wasam') with it."
+            )
+        if preference and (isinstance(self.perturbation, ESAM) or self.args.sam_m is not None):
+            setting = f"flat_method={method!r}" if isinstance(self.perturbation, ESAM) else f"sam_m={self.args.sam_m!r}"
+            raise ValueError(
+                f"{setting} is not supported with {preference}: it cuts each batch into groups of samples, and a "
+                f"{preference} batch's rows are chosen / rejected completions that its loss takes in pairs. Use "
+                "flat_method='sam' (or 'asam', 'gsam', 'looksam', 'avg_sam') with sam_m=None."
+            )
+        if isinstance(self.trajectory, SAF):
+            config = getattr(self.model, "config", None)
+            if is_causal_lm(self.model) or getattr(config, "is_encoder_decoder", False):
+                raise ValueError(
+                    "flat_method='saf' keeps one row of logits per training sample from earlier epochs, but this model "
+                    "predicts one distribution per token: the memory would need samples x tokens x vocabulary entries. "
+                    "Use flat_method='mesa', whose EMA teacher gives per-token targets without a memory."
+                )
 
     def _check_sharded_setup(self):
         """Refuse what DeepSpeed, FSDP or Megatron-LM (however launched: arguments or an accelerate
@@ -349,28 +454,36 @@ class FlatTrainer(Trainer):
         return self.lr_scheduler
 
     # ---- averaged weights -------------------------------------------------------------------
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        """`Trainer.evaluate`. During training with an averaging method, the averaged weights are
-        evaluated in the same call: their metrics, prefixed ``eval_avg_``, are logged together with
-        the live ones, passed to the callbacks' ``on_evaluate`` (early stopping), used for
-        best-checkpoint selection (``metric_for_best_model="eval_avg_loss"``) and returned. Before
-        the first snapshot the average is the live model, so ``eval_avg_*`` equals ``eval_*``."""
+    def evaluate(self, *args, **kwargs):
+        """The base trainer's `evaluate`, with every argument it takes (`Seq2SeqTrainer`'s generation
+        keywords too). During training with an averaging method, the averaged weights are evaluated
+        in the same call: their metrics, prefixed ``eval_avg_``, are logged together with the live
+        ones, passed to the callbacks' ``on_evaluate`` (early stopping), used for best-checkpoint
+        selection (``metric_for_best_model="eval_avg_loss"``) and returned. Before the first
+        snapshot the average is the live model, so ``eval_avg_*`` equals ``eval_*``."""
         self._evaluating = True
         try:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            return super().evaluate(*args, **kwargs)
         finally:
             self._evaluating = False
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
         """`Trainer.evaluation_loop`; inside `evaluate()` during training with an averaging method,
-        the averaged weights' metrics are added to the live ones."""
+        the averaged weights' metrics are added to the live ones: those the loop computes (loss,
+        ``compute_metrics`` on generated or predicted outputs) and those a TRL-style trainer records
+        in its ``_metrics["eval"]`` (``entropy``, ``mean_token_accuracy``, ``rewards/*``), each
+        from the averaged weights' passes only."""
+        averaging = self._evaluating and self.is_in_train and self.averaging is not None
+        before = self._recorded_eval_metrics() if averaging else None
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if not (self._evaluating and self.is_in_train and self.averaging is not None):
+        if not averaging:
             return output
         prefix = averaged_prefix(metric_key_prefix)
+        live_recorded = self._recorded_eval_metrics()
         if not self.averaging.count:  # no snapshot yet: the average is the live model
             live = f"{metric_key_prefix}_"
             averaged = {f"{prefix}_{k[len(live):]}": v for k, v in output.metrics.items() if k.startswith(live)}
+            recorded = base_trainers.new_eval_metrics(before, live_recorded) if before is not None else {}
         else:
             start = time.time()
             with self.averaging.swapped_in(self.model):
@@ -379,10 +492,23 @@ class FlatTrainer(Trainer):
                 )
             steps = math.ceil(result.num_samples / (self.args.eval_batch_size * self.args.world_size))
             averaged = {**result.metrics, **speed_metrics(prefix, start, result.num_samples, steps)}
+            recorded = {}
+            if live_recorded is not None:  # the averaged passes' records leave the live ones as they were
+                recorded = base_trainers.new_eval_metrics(live_recorded, self._recorded_eval_metrics())
+                self._metrics["eval"].clear()  # (in place: TRL's is a defaultdict)
+                self._metrics["eval"].update(live_recorded)
             # `evaluate` times both passes together: `log` takes this one out of the live speed metrics
             self._averaged_eval_seconds[metric_key_prefix] = time.time() - start
+        averaged.update({f"{prefix}_{name}": value for name, value in recorded.items()})
         output.metrics.update(averaged)
         return output
+
+    def _recorded_eval_metrics(self) -> dict | None:
+        """A copy of a TRL-style trainer's evaluation records (``_metrics["eval"]``), or None."""
+        records = getattr(self, "_metrics", None)
+        if isinstance(records, dict) and isinstance(records.get("eval"), dict):
+            return {name: list(values) for name, values in records["eval"].items()}
+        return None
 
     def _batchnorm_batches(self):
         """The training data in order, batched and collated as for training, on this process's
@@ -396,6 +522,29 @@ class FlatTrainer(Trainer):
         loader = DataLoader(dataset, batch_size=self._train_batch_size, collate_fn=collator)
         for batch in itertools.islice(loader, self.args.average_bn_batches):
             yield self._prepare_inputs(batch)
+
+    # ---- model card ------------------------------------------------------------------------------
+    def create_model_card(self, *args, **kwargs):
+        """The base trainer's model card (the Trainer's, or TRL's), tagged ``hf-flat`` and with the
+        flat method's names, and with a section that names the method, its paper and its settings."""
+        tags = flat_tags(self.args)
+        if not tags:
+            return super().create_model_card(*args, **kwargs)
+        signature = inspect.signature(super().create_model_card)
+        bound = signature.bind_partial(*args, **kwargs)
+        if base_trainers.parameter_named(signature, "tags") is not None:
+            given = bound.arguments.get("tags")
+            given = [] if given is None else [given] if isinstance(given, str) else list(given)
+            bound.arguments["tags"] = given + [t for t in tags if t not in given]
+        result = super().create_model_card(*bound.args, **bound.kwargs)
+        card = os.path.join(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and os.path.isfile(card):
+            with open(card, encoding="utf-8") as f:
+                text = f.read()
+            if FLAT_CARD_HEADING not in text:
+                with open(card, "a", encoding="utf-8") as f:
+                    f.write("\n" + flat_card_section(self.args))
+        return result
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
@@ -483,6 +632,88 @@ class FlatTrainer(Trainer):
         super().log(logs, start_time)
 
 
+
+
+class FlatTrainer(FlatTrainerMixin, Trainer):
+    """A `transformers.Trainer` that trains with the method `args.flat_method` names.
+
+    Example:
+        >>> from hf_flat import FlatTrainer, TrainingArguments
+        >>> args = TrainingArguments("out", flat_method="sam", sam_rho=0.05)
+        >>> FlatTrainer(model=model, args=args, train_dataset=train).train()
+
+    What the logs and evaluations carry is `FlatTrainerMixin`'s. For another trainer class (TRL's
+    `SFTTrainer`, `DPOTrainer`, your own subclass) use `flat_trainer_class`.
+    """
+
+
+class FlatSeq2SeqTrainer(FlatTrainerMixin, Seq2SeqTrainer):
+    """A `transformers.Seq2SeqTrainer` that trains with the method `args.flat_method` names; with
+    ``predict_with_generate=True`` it evaluates by generating, the averaged weights too, and
+    `evaluate` / `predict` take the generation keywords (``max_length``, ``num_beams``, ...).
+
+    Example:
+        >>> from hf_flat import FlatSeq2SeqTrainer, FlatSeq2SeqTrainingArguments
+        >>> args = FlatSeq2SeqTrainingArguments("out", flat_method="wasam", predict_with_generate=True)
+        >>> FlatSeq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev).train()
+    """
+
+
+#: Trainer class -> its flat class (`flat_trainer_class`).
+_FLAT_TRAINERS: dict[type, type] = {Trainer: FlatTrainer, Seq2SeqTrainer: FlatSeq2SeqTrainer}
+
+
+def flat_trainer_class(base: type) -> type:
+    """The trainer class with every flat method on top of the `Trainer` subclass `base`: the
+    trainer twin of `flat_arguments_class`.
+
+    `base` itself when it already is a flat trainer; `FlatTrainer` for `Trainer` and
+    `FlatSeq2SeqTrainer` for `Seq2SeqTrainer`; otherwise a class made once and cached,
+    ``Flat<base.__name__>(FlatTrainerMixin, base)``. It takes the constructor arguments exactly as
+    `base` defines them (DPO's ``ref_model`` stays second), keeps every override of `base` (its
+    loss, metrics, `prediction_step`, `evaluate` keywords, model card), and takes its arguments from
+    ``flat_arguments_class(type(args))`` instances. A base whose training step cannot be wrapped
+    exactly (TRL's on-policy trainers, which generate inside it) raises a `TypeError` that says why.
+
+    Example:
+        >>> from trl import SFTConfig, SFTTrainer
+        >>> FlatSFTTrainer = flat_trainer_class(SFTTrainer)
+        >>> args = flat_arguments_class(SFTConfig)("out", flat_method="sam", sam_rho=0.05)
+        >>> FlatSFTTrainer(model=model, args=args, train_dataset=train).train()
+
+    Writing ``class MyTrainer(FlatTrainer, SFTTrainer)`` (or the bases the other way round) gives
+    the same behaviour (see `FlatFirst`).
+    """
+    if not (isinstance(base, type) and issubclass(base, Trainer)):
+        raise TypeError(f"flat_trainer_class() takes a transformers.Trainer subclass, not {base!r}.")
+    if isinstance(base, FlatFirst):
+        return base
+    if base not in _FLAT_TRAINERS:
+        doc = f"`{base.__module__}.{base.__qualname__}` with the flat-minima methods (`hf_flat.flat_trainer_class`)."
+        _FLAT_TRAINERS[base] = FlatFirst(f"Flat{base.__name__}", (FlatTrainerMixin, base), {"__module__": __name__, "__doc__": doc})
+    return _FLAT_TRAINERS[base]
+
+
+#: The heading of the section `create_model_card` adds.
+FLAT_CARD_HEADING = "## Flat-minima training (hf-flat)"
+
+
+def flat_tags(args) -> list[str]:
+    """The model-card tags of a flat run: ``hf-flat`` and the names of its methods (none for 'none')."""
+    parts = [p for p in (args.flat_perturbation, args.flat_averaging) if p]
+    return ["hf-flat", *parts] if parts else []
+
+
+def flat_card_section(args) -> str:
+    """The model card's section on the flat method: what it is, its paper, and its settings."""
+    parts = [p for p in (args.flat_perturbation, args.flat_averaging) if p]
+    lines = [FLAT_CARD_HEADING, "", f"Trained with hf-flat (flat-minima methods for the Hugging Face Trainer), `flat_method={str(args.flat_method)!r}`:", ""]
+    lines += [f"- {METHOD_PAPERS[p]}" for p in parts]
+    lines += ["", "| setting | value |", "|---|---|"]
+    lines += [f"| `{name}` | {getattr(args, name)!r} |" for p in parts for name in FLAT_SETTINGS[p]]
+    return "\n".join(lines) + "\n"
+
+
 def checkpoint_is_complete(folder: str) -> bool:
     """Whether the Trainer finished writing `folder`: `trainer_state.json`, the last file it writes
     into a checkpoint, is there and readable. (The flat state file is written first, atomically.)"""
@@ -516,13 +747,6 @@ def refuse_incomplete_checkpoint(folder: str):
         f"Checkpoint {folder} is incomplete: its {TRAINER_STATE_NAME} is missing or unreadable, so the run was "
         f"stopped while writing it. {instead}"
     )
-
-
-def averaged_prefix(metric_key_prefix: str) -> str:
-    """``eval`` -> ``eval_avg``, ``eval_a`` -> ``eval_avg_a``, ``test`` -> ``test_avg``."""
-    if metric_key_prefix == "eval" or metric_key_prefix.startswith("eval_"):
-        return metric_key_prefix.replace("eval", "eval_avg", 1)
-    return f"{metric_key_prefix}_avg"
 
 
 def _exclude_from_speed_metrics(logs: dict, prefix: str, seconds: float):

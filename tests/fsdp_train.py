@@ -121,7 +121,7 @@ def main(out_dir, runs):
     from transformers import TrainerCallback
 
     from hf_flat import FlatTrainer
-    from hf_flat.methods.mesa import ShardedTeacher
+    from hf_flat.methods.mesa import SwapTeacher
 
     enable_fsdp_on_cpu()
     rank = int(os.environ["RANK"])
@@ -145,7 +145,7 @@ def main(out_dir, runs):
                 self.average_bytes = sum(a.nbytes for a in averaging.average.values())
             teacher = getattr(self.trainer.trajectory, "teacher", None)
             if teacher is not None:
-                tensors = teacher.params.values() if isinstance(teacher, ShardedTeacher) else teacher.parameters()
+                tensors = teacher.params.values() if isinstance(teacher, SwapTeacher) else teacher.parameters()
                 self.teacher_bytes = sum(t.nbytes for t in tensors)
 
     def train(run, settings, resume_step=None):

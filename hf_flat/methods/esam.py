@@ -21,8 +21,10 @@ code dydjw9/Efficient_SAM (`utils/Esam.py`). Two savings on SAM's two passes:
 
 Per-sample losses are computed for classification heads (logits ``(batch, classes)``, integer
 labels) and token-level cross-entropy heads (logits ``(batch, tokens, classes)``, labels with -100
-ignored; a causal LM's position ``t`` predicts label ``t + 1``): a sample's loss is the mean over its
-counted tokens. Other models are refused. With a loss normalised by ``num_items_in_batch`` (token
+ignored; a causal LM's position ``t`` predicts label ``t + 1``; or a fused LM head's per-token
+log-probabilities under TRL): a sample's loss is the mean over its counted tokens. Other models
+are refused. On top of another trainer (TRL's `SFTTrainer`), pass 1 counts in its running metrics,
+the selection pass and pass 2 do not. With a loss normalised by ``num_items_in_batch`` (token
 sums), pass 2 gets ``num_items_in_batch`` times the selected samples' share of the micro-batch's
 counted tokens, so the selected samples' gradient has the weight that the micro-batch's has.
 
@@ -86,6 +88,17 @@ def per_sample_losses(logits: torch.Tensor, inputs: dict, causal: bool) -> tuple
     )
 
 
+def sample_losses(trainer, seen, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_sample_losses` from what the model returned in a pass (`CapturedForward`): from its
+    logits, or, for a fused LM head (TRL), from its per-token log-probabilities and label mask."""
+    if seen.fused:
+        log_probs, mask = seen.outputs["log_probs"].detach().float(), seen.outputs["label_mask"]
+        counted = mask.float().sum(1)
+        return -log_probs.sum(1) / counted.clamp(min=1), counted
+    logits = logits_of(seen.outputs, trainer.model, returns_loss_first(seen.kwargs or {}, trainer.label_names))
+    return per_sample_losses(logits.detach(), inputs, is_causal_lm(trainer.model))
+
+
 class ESAM(TwoPassMethod):
     """ESAM (``flat_method="esam"``): SAM on a random subset of the weights, pass 2 on the samples
     whose loss the perturbation raised most."""
@@ -120,14 +133,12 @@ class ESAM(TwoPassMethod):
             p.requires_grad_(False)
         try:
             with trainer.accelerator.no_sync(model):
-                loss, outputs = trainer.forward_backward_with_outputs(model, inputs, num_items_in_batch)
+                loss, seen = trainer.forward_backward_with_outputs(model, inputs, num_items_in_batch)
         finally:
             for p in left_out:
                 p.requires_grad_(True)
-        causal = is_causal_lm(trainer.model)
-        logits = logits_of(outputs, trainer.model, returns_loss_first(inputs, trainer.label_names)).detach()
-        before, counted = per_sample_losses(logits, inputs, causal)
-        del outputs, logits
+        before, counted = sample_losses(trainer, seen, inputs)
+        del seen
 
         active = [i for i, p in enumerate(params) if p.grad is not None]
         active_params = [params[i] for i in active]
@@ -144,16 +155,15 @@ class ESAM(TwoPassMethod):
             if e is not None:
                 del e
                 with torch.no_grad(), frozen_batchnorm_statistics(model):
-                    at_e, outputs = trainer.loss_and_outputs(model, inputs, num_items_in_batch)
-                logits = logits_of(outputs, trainer.model, returns_loss_first(inputs, trainer.label_names))
-                after, _ = per_sample_losses(logits.detach(), inputs, causal)
-                del outputs, logits
+                    at_e, seen = trainer.loss_and_outputs(model, inputs, num_items_in_batch)
+                after, _ = sample_losses(trainer, seen, inputs)
+                del seen
                 perturbed = at_e
                 selected, share_of_items = self.select(inputs, after - before, counted)
                 if num_items_in_batch is not None:
                     items = num_items_in_batch * share_of_items
             with sync, frozen_batchnorm_statistics(model):
-                trainer.forward_backward(model, selected, items)
+                trainer.forward_backward(model, selected, items, counted=False)
         finally:
             _restore(active_params, saved)
         return loss, perturbed, saved

@@ -9,22 +9,38 @@ eval mode, on each training micro-batch before the model's own forward pass: one
 pass per micro-batch. If `start_epoch` is not below the run's number of epochs, no teacher is kept
 at all (`TrajectoryMethod.on_train_begin` warns).
 
-Under FSDP2 the model cannot be copied (FSDP forbids ``deepcopy``) and a whole copy would defeat
-sharding: the teacher is then `ShardedTeacher`, float32 copies of this process's rows of every
-parameter (``1 / processes`` of the model each), updated without communication. Its forward puts
-them into the model, runs the model, and puts the live rows back bit for bit.
+The teacher is one of two kinds:
+
+- a model of its own (every parameter trainable): a float32 ``deepcopy`` of the model that runs
+  its class's own ``forward``. A forward patched onto the instance (TRL's fused LM head, Accelerate's
+  autocast wrapper) is a closure over the *live* model, which a copy would still call; the copy drops
+  it, and a guard refuses a teacher forward that reaches the live model.
+- `SwapTeacher`, float32 EMA copies of the *trainable* parameters only, run by putting them into the
+  live model for the teacher's forward pass and the live values back bit for bit afterwards. It is
+  used when some parameters are frozen (a LoRA adapter: the teacher is the EMA of the adapter on top
+  of the shared frozen base, so it costs a float32 copy of the adapter, not of the model) and under
+  FSDP2, where the model cannot be copied and a whole copy would defeat sharding (each process then
+  keeps its rows of each parameter, ``1 / processes`` of the model, updated without communication).
+
+The term reads the student's logits from the training forward itself
+(`hf_flat.methods.outputs.captured_forward`); under TRL's fused LM head, which builds no logits,
+from the backbone's hidden states at the positions the trainer's loss counts, and the teacher's
+logits at the same positions.
 """
 
 import contextlib
 import copy
+import itertools
 
 import torch
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..sharding import ShardedTensor, is_sharded, local, reshard, rows_of
 from ..state_file import rows_of_state, shape_in_state
+from .outputs import fused_student_logits, rows_at
 from .trajectory import (
-    TrajectoryMethod, head_kind, is_causal_lm, logits_of, returns_loss_first, trajectory_loss, valid_positions,
+    SOFTMAX, TrajectoryMethod, head_kind, is_causal_lm, logits_of, returns_loss_first, student_logits, trajectory_loss,
+    valid_positions,
 )
 
 
@@ -33,6 +49,12 @@ class MESA(TrajectoryMethod):
     optimizer step) and its trajectory loss."""
 
     prefix = "mesa"
+
+    def __init__(self, lam=0.8, tau=5.0, decay=0.9995, start_epoch=5):
+        self.lam, self.tau, self.decay, self.start_epoch = lam, tau, decay, start_epoch
+        self.update_fn = get_ema_multi_avg_fn(decay)
+        self.teacher = None  # a frozen float32 copy of the model, or a `SwapTeacher`
+        self._loaded = None  # the checkpoint's tensors (``mesa.<name>``), applied when the teacher is built
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
@@ -46,20 +68,18 @@ class MESA(TrajectoryMethod):
     def release(self):
         self.teacher = self._loaded = None
 
-    def __init__(self, lam=0.8, tau=5.0, decay=0.9995, start_epoch=5):
-        self.lam, self.tau, self.decay, self.start_epoch = lam, tau, decay, start_epoch
-        self.update_fn = get_ema_multi_avg_fn(decay)
-        self.teacher = None  # a frozen float32 copy of the model, or a `ShardedTeacher`
-        self._loaded = None  # the checkpoint's tensors (``mesa.<name>``), applied when the teacher is built
-
     def build_teacher(self, model):
-        """A float32 copy of `model` (the unwrapped one), frozen, in eval mode; a `ShardedTeacher`
-        for a model sharded with FSDP2."""
+        """The teacher of `model` (the unwrapped one): a float32 copy of its own if every parameter
+        is trainable, else (frozen parameters, or FSDP2) a `SwapTeacher` of its trainable ones."""
         reshard(model)
-        if any(is_sharded(p) for p in model.parameters()):
-            self.teacher, self._loaded = ShardedTeacher(model, self._loaded), None
+        params = list(model.named_parameters())
+        if any(is_sharded(p) for _, p in params) or not all(p.requires_grad for _, p in params):
+            names = [n for n, p in params if p.requires_grad] or [n for n, _ in params]
+            self.teacher, self._loaded = SwapTeacher(model, names, self._loaded), None
             return
         teacher = copy.deepcopy(model).float().eval()
+        for module in teacher.modules():
+            module.__dict__.pop("forward", None)  # a patched forward would still call the live model
         for p in teacher.parameters():
             p.requires_grad_(False)
         if self._loaded is not None:
@@ -69,12 +89,21 @@ class MESA(TrajectoryMethod):
             self._loaded = None
         self.teacher = teacher
 
+    @property
+    def nbytes(self) -> int:
+        """The memory the teacher holds (its parameters and buffers)."""
+        if self.teacher is None:
+            return 0
+        if isinstance(self.teacher, SwapTeacher):
+            return self.teacher.nbytes
+        return sum(t.nbytes for t in itertools.chain(self.teacher.parameters(), self.teacher.buffers()))
+
     @torch.no_grad()
     def update(self, model):
         """v <- decay * v + (1 - decay) * w for the parameters; buffers are copied."""
         if self.teacher is None:
             self.build_teacher(model)
-        if isinstance(self.teacher, ShardedTeacher):
+        if isinstance(self.teacher, SwapTeacher):
             return self.teacher.update(model, self.update_fn)
         pairs = list(zip(self.teacher.parameters(), model.parameters()))
         teacher_params = [t for t, _ in pairs]
@@ -88,18 +117,25 @@ class MESA(TrajectoryMethod):
         before the model's own forward pass; None before `start_epoch` or when off for this run."""
         if not self.active or int(trainer.state.epoch or 0) < self.start_epoch:
             return None
-        sharded = isinstance(self.teacher, ShardedTeacher)
-        teacher = trainer.model if sharded else self.teacher
-        with torch.no_grad(), self.teacher.swapped_in(teacher) if sharded else contextlib.nullcontext():
+        swapped = isinstance(self.teacher, SwapTeacher)
+        teacher = trainer.model if swapped else self.teacher
+        with torch.no_grad(), self.teacher.swapped_in(teacher) if swapped else live_model_not_called(trainer.model):
             with trainer.accelerator.autocast():
                 outputs = teacher(**inputs)
             return logits_of(outputs, teacher, returns_loss_first(inputs, trainer.label_names)).detach()
 
-    def term(self, trainer, logits, inputs, target=None):
-        """The trajectory term for this training micro-batch of `trainer` against the teacher's logits
-        `target` (`before_forward`), or None when there are none."""
+    def term(self, trainer, seen, inputs, target=None):
+        """The trajectory term for this training micro-batch: the student's logits from its training
+        forward (`seen`) against the teacher's logits `target` (`before_forward`), over the positions
+        the trainer's loss counts; None when there is no target."""
         if target is None:
             return None
+        if seen.fused:  # TRL's fused LM head: the counted positions' logits, from the hidden states
+            logits, mask = fused_student_logits(seen, trainer.model)
+            if torch.is_grad_enabled() and not logits.requires_grad:
+                raise RuntimeError("MESA: the student's logits carry no gradient, so its term would not train the model.")
+            return trajectory_loss(logits, rows_at(mask, target), self.lam, self.tau, kind=SOFTMAX)
+        logits = student_logits(trainer, seen)
         valid = valid_positions(inputs, logits, is_causal_lm(trainer.model)) if logits.dim() == 3 else None
         kind = head_kind(trainer.model, logits)
         return trajectory_loss(logits, target, self.lam, self.tau, valid=valid, kind=kind)
@@ -107,7 +143,7 @@ class MESA(TrajectoryMethod):
     def state_dict(self):
         if self.teacher is None:
             return {}, {"mesa_version": "1"}
-        if isinstance(self.teacher, ShardedTeacher):
+        if isinstance(self.teacher, SwapTeacher):
             return self.teacher.state_dict(), {"mesa_version": "1"}
         # cloned: tied weights would otherwise share memory, which safetensors refuses
         return {f"mesa.{k}": v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}, {
@@ -117,6 +153,25 @@ class MESA(TrajectoryMethod):
     def load_state_dict(self, tensors, meta):
         if any(k.startswith("mesa.") for k in tensors):
             self._loaded, self.teacher = tensors, None
+
+
+@contextlib.contextmanager
+def live_model_not_called(model):
+    """Refuse a call of the live `model` inside this block (a teacher copy whose forward still runs
+    the model it was copied from would make the term silently zero)."""
+
+    def refuse(module, args):
+        raise RuntimeError(
+            "MESA's teacher, a copy of the model, ran the live model's forward: a forward patched onto the model "
+            "still refers to it. Report this with the trainer and model you use; meanwhile freeze a parameter "
+            "(the teacher then keeps EMA copies of the trainable ones only) or use another method."
+        )
+
+    handle = model.register_forward_pre_hook(refuse)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _check_fits(tensors, shapes: dict):
@@ -133,43 +188,49 @@ def _check_fits(tensors, shapes: dict):
             )
 
 
-class ShardedTeacher:
-    """MESA's teacher for a model sharded with FSDP2: float32 copies of this process's rows of every
-    parameter (by name), and of the model's buffers, which FSDP does not shard.
+class SwapTeacher:
+    """MESA's teacher as float32 EMA copies of some of the model's parameters (`names`: the
+    trainable ones), this process's rows of each under FSDP2, and copies of the model's buffers.
 
-    `swapped_in(model)` runs the model as the teacher: the teacher's values go into the model's
-    rows, every process's forward pass all-gathers them, and afterwards the live rows and buffers
-    are back exactly (FSDP2 is resharded first and last, so no module keeps gathered values).
+    `swapped_in(model)` runs the model as the teacher: the teacher's values go into those parameters
+    (under FSDP2 into this process's rows, which every process's forward pass all-gathers), the model
+    is put in eval mode, and afterwards the live values, buffers and mode are back exactly. The
+    other parameters (a LoRA adapter's frozen base) are shared with the live model.
     """
 
-    def __init__(self, model, loaded=None):
+    def __init__(self, model, names, loaded=None):
         reshard(model)
         params = dict(model.named_parameters())
-        self.rows = {n: rows_of(p) for n, p in params.items()}
+        self.names = list(names)
+        self.rows = {n: rows_of(params[n]) for n in self.names}
+        self.sharded = {n: is_sharded(params[n]) for n in self.names}
         if loaded is None:
-            self.params = {n: local(p).detach().float().clone() for n, p in params.items()}
+            self.params = {n: local(params[n]).detach().float().clone() for n in self.names}
             self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
             return
-        _check_fits(loaded, {n: p.shape for n, p in params.items()})
-        self.params = {n: rows_of_state(loaded, f"mesa.{n}", self.rows[n]).float().to(local(p).device)
-                       for n, p in params.items()}
+        _check_fits(loaded, {n: params[n].shape for n in self.names})
+        self.params = {n: rows_of_state(loaded, f"mesa.{n}", self.rows[n]).float().to(local(params[n]).device)
+                       for n in self.names}
         # buffers the checkpoint lacks (non-persistent ones) keep the model's values
         self.buffers = {n: (loaded[f"mesa.{n}"] if f"mesa.{n}" in loaded else b.detach()).clone().to(b.device)
                         for n, b in model.named_buffers()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in itertools.chain(self.params.values(), self.buffers.values()))
 
     @torch.no_grad()
     def update(self, model, update_fn):
         reshard(model)
         params = dict(model.named_parameters())
-        names = list(self.params)
-        update_fn([self.params[n] for n in names], [local(params[n]).detach().float() for n in names], None)
+        update_fn([self.params[n] for n in self.names], [local(params[n]).detach().float() for n in self.names], None)
         for n, b in model.named_buffers():
             self.buffers[n].copy_(b)
 
     @contextlib.contextmanager
     def swapped_in(self, model):
         reshard(model)
-        params = {n: local(p) for n, p in model.named_parameters()}
+        params = {n: local(p) for n, p in model.named_parameters() if n in self.params}
         buffers = dict(model.named_buffers())
         live = {n: p.detach().clone() for n, p in params.items()}
         live_buffers = {n: b.detach().clone() for n, b in buffers.items()}
@@ -192,6 +253,7 @@ class ShardedTeacher:
                     b.copy_(live_buffers[n])
 
     def state_dict(self) -> dict:
-        tensors = {f"mesa.{n}": ShardedTensor(t.detach().cpu().contiguous(), self.rows[n]) for n, t in self.params.items()}
+        tensors = {f"mesa.{n}": ShardedTensor(t.detach().cpu().contiguous(), self.rows[n]) if self.sharded[n]
+                   else t.detach().cpu().clone() for n, t in self.params.items()}
         tensors.update({f"mesa.{n}": b.detach().cpu().clone() for n, b in self.buffers.items()})
         return tensors

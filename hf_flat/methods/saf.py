@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from transformers.utils import logging
 
-from .trajectory import TrajectoryMethod, head_kind, trajectory_loss
+from .trajectory import TrajectoryMethod, head_kind, student_logits, trajectory_loss
 
 logger = logging.get_logger(__name__)
 
@@ -102,11 +102,17 @@ class SAF(TrajectoryMethod):
     def nbytes(self) -> int:
         return 0 if self.logits is None else self.logits.nbytes + self.epochs.nbytes
 
-    def term(self, trainer, logits, inputs, target=None):
-        """The trajectory term for this training micro-batch of `trainer` (a `FlatTrainer`); the
-        targets come from the memory (`target` is unused)."""
+    def term(self, trainer, seen, inputs, target=None):
+        """The trajectory term for this training micro-batch of `trainer` (a flat trainer), from the
+        model's outputs (`seen`, a `CapturedForward`); the targets come from the memory (`target` is unused)."""
         if not self.active:
             return None
+        if seen.fused:
+            raise ValueError(
+                "flat_method='saf' records one row of logits per sample, but the model returned per-token "
+                "log-probabilities (a language model under TRL). Use flat_method='mesa' for per-token outputs."
+            )
+        logits = student_logits(trainer, seen)
         indices = trainer._sample_indices
         if indices is None:
             raise ValueError(

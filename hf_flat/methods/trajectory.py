@@ -26,6 +26,7 @@ Logits are found in the model's outputs as the Trainer finds them (`logits_of`):
 was given its labels and so returns its loss first.
 """
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -168,6 +169,25 @@ def logits_of(outputs, model, loss_first: bool) -> torch.Tensor:
     )
 
 
+def student_logits(trainer, seen) -> torch.Tensor:
+    """The logits of the training forward that `seen` (a `CapturedForward`) recorded, as the
+    Trainer reads them (`logits_of`); refused if the trainer's loss did not run the model, or if
+    they carry no gradient while the loss does (a trainer that recomputes its logits without
+    grad), since the term would then silently not train."""
+    if not seen.called:
+        raise ValueError(
+            "SAF and MESA read the model's logits from the forward pass the trainer's compute_loss makes, but this "
+            "compute_loss did not call the trainer's model: use a two-pass or averaging method with it."
+        )
+    logits = logits_of(seen.outputs, trainer.model, returns_loss_first(seen.kwargs or {}, trainer.label_names))
+    if torch.is_grad_enabled() and not logits.requires_grad:
+        raise RuntimeError(
+            "The logits of the training forward pass carry no gradient, so SAF's / MESA's term would not train the "
+            "model: the trainer's compute_loss must call the model with grad enabled."
+        )
+    return logits
+
+
 # ---- the methods' shared life cycle ----------------------------------------------------------------
 class TrajectoryMethod(TrainerCallback):
     """What SAF and MESA share as `TrainerCallback`s: when training begins, whether the term can be
@@ -196,13 +216,29 @@ class TrajectoryMethod(TrainerCallback):
         handed to `term` as its `target` (MESA: the teacher's logits)."""
         return None
 
+    def term(self, trainer, seen, inputs, target=None):
+        """The term for a training micro-batch, from what the model returned (`seen`, a
+        `hf_flat.methods.outputs.CapturedForward`), the micro-batch `inputs` as the trainer got it
+        (labels included) and `before_forward`'s `target`; None when there is none."""
+        raise NotImplementedError
+
     def on_train_end(self, args, state, control, **kwargs):
-        if self.active and not self.used:
+        if not self.active or self.used:
+            return
+        method = getattr(args, "flat_method", self.prefix)
+        last = max(math.ceil(state.epoch or 0) - 1, 0)  # the last epoch that ran, from 0
+        if last < self.first_epoch():
             logger.warning(
-                f"flat_method={args.flat_method!r}: training ended in epoch {int(state.epoch or 0)} (from 0) before "
-                f"the trajectory term's first epoch {self.first_epoch()}, so {self.prefix.upper()} never changed the "
-                f"loss. Lower {' or '.join(self.binding_arguments())}. (With an IterableDataset without a length, "
-                "the epoch only advances when the stream ends.)"
+                f"flat_method={method!r}: training ended in epoch {last} (from 0) before the trajectory term's first "
+                f"epoch {self.first_epoch()}, so {self.prefix.upper()} never changed the loss. Lower "
+                f"{' or '.join(self.binding_arguments())}. (With an IterableDataset without a length, the epoch only "
+                "advances when the stream ends.)"
+            )
+        else:
+            logger.warning(
+                f"flat_method={method!r}: training reached epoch {last}, past the trajectory term's first epoch "
+                f"{self.first_epoch()}, but {self.prefix.upper()} never changed the loss: no training micro-batch of "
+                "those epochs went through hf-flat's compute_loss."
             )
 
     def on_train_begin(self, args, state, control, **kwargs):

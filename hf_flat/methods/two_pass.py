@@ -55,6 +55,10 @@ model would.
 Minimization Efficiently Selects Flatter Minima Late in Training", ICLR 2025). Every other step is
 the plain Trainer's step, for each of its micro-batches.
 
+**On top of another trainer** (TRL's `SFTTrainer`, `DPOTrainer`, ...): every pass runs the base
+trainer's own `training_step` and so its `compute_loss`; only the step's pass 1 (average SAM: its
+one pass) counts in the base trainer's running metrics (`forward_backward`'s ``counted``).
+
 **Non-finite gradients** (an fp16 loss-scale overflow). If ``g`` is not finite there is no
 perturbation and ``g`` stays in the gradients, so the GradScaler sees it and skips the step. Under
 ``"micro"`` pass 2 still runs (at ``w``), so that every process takes part in the same
@@ -274,7 +278,8 @@ class TwoPassMethod(ABC):
             else:
                 saved = self.add_perturbation(params, self.perturbation([n for n, _ in named], params, None))
                 with sync:
-                    loss = self._at(trainer, model, params, saved, [(chunk, num_items_in_batch, share)], frozen=False)
+                    loss = self._at(trainer, model, params, saved, [(chunk, num_items_in_batch, share)], frozen=False,
+                                    counted=True)
                 perturbed = sharpness = None
             total = _add(total, loss)
             perturbed_total, sharpness_total = _add(perturbed_total, perturbed), _add(sharpness_total, sharpness)
@@ -308,7 +313,7 @@ class TwoPassMethod(ABC):
             del e
         try:
             with sync, frozen_batchnorm_statistics(model):
-                perturbed = trainer.forward_backward(model, inputs, num_items_in_batch, share)
+                perturbed = trainer.forward_backward(model, inputs, num_items_in_batch, share, counted=False)
         finally:
             _restore(active_params, saved)
         if separate:
@@ -356,7 +361,8 @@ class TwoPassMethod(ABC):
         if not self.separate_pass_2:
             del e  # frees g's memory before pass 2 allocates new gradients
         groups = [(batch, items, 1) for batch, items in window]
-        perturbed = self._at(trainer, model, params, saved, groups, frozen=self.uses_gradient)
+        # (average SAM's one pass is the step's own: it counts in the base trainer's metrics)
+        perturbed = self._at(trainer, model, params, saved, groups, frozen=self.uses_gradient, counted=not self.uses_gradient)
         if self.separate_pass_2:
             self.descend(params, e, [local(p.grad) for p in sharded])
             del e
@@ -364,16 +370,17 @@ class TwoPassMethod(ABC):
             return PassLosses(perturbed)
         return PassLosses(loss, perturbed, perturbed - window_loss)
 
-    def _at(self, trainer, model, params, saved, groups, frozen: bool) -> torch.Tensor:
+    def _at(self, trainer, model, params, saved, groups, frozen: bool, counted: bool = False) -> torch.Tensor:
         """Forward and backward passes over `groups` (``(inputs, num_items_in_batch, share)``) at
         ``w + e``, which `params` hold now; only the last one is synchronised. `params` are restored
-        exactly from `saved` (the copy `add_perturbation` returned) afterwards."""
+        exactly from `saved` (the copy `add_perturbation` returned) afterwards. `counted`: whether
+        the passes count in the base trainer's running metrics (`forward_backward`)."""
         total = None
         try:
             for j, (batch, items, share) in enumerate(groups):
                 sync = contextlib.nullcontext() if j == len(groups) - 1 else trainer.accelerator.no_sync(model)
                 with sync, frozen_batchnorm_statistics(model) if frozen else contextlib.nullcontext():
-                    total = _add(total, trainer.forward_backward(model, batch, items, share))
+                    total = _add(total, trainer.forward_backward(model, batch, items, share, counted=counted))
         finally:
             _restore(params, saved)
         return total
