@@ -514,3 +514,31 @@ def reference_flat_family(
             for p, g in zip(params, total):
                 p.sub_(lrs[t - 1] * g)
     return model
+
+
+# ---- tiny language models for TRL's trainers ----------------------------------------------------------
+LM_WORDS = ["<pad>", "<unk>", "<s>", "</s>"] + "the a cat dog sat ran on mat log big small red blue and".split()
+LM_TEXTS = ["the cat sat on the mat", "a dog ran on a log", "the big red dog sat", "a small blue cat ran",
+            "the dog sat on a mat", "a cat ran on the log", "the small dog ran", "a big blue cat sat"]
+
+
+def tiny_lm_tokenizer():
+    """A WordLevel tokenizer over `LM_WORDS` with pad / bos / eos tokens, as TRL's trainers need."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(LM_WORDS)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def tiny_llama(seed: int = 0):
+    """A 1-layer Llama causal LM over `LM_WORDS`, built from its config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(LM_WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=2, eos_token_id=3)
+    return LlamaForCausalLM(config)
