@@ -173,9 +173,9 @@ class WeightAveraging(TrainerCallback):
                 "the training data has no length (an IterableDataset), so the Trainer cannot tell where an epoch "
                 f"ends. Set {self._name('freq')} to the number of optimizer steps between snapshots."
             )
-        self._training = True
         if not self.managed:
             self._begin_on_its_own(args, state, model)
+        self._training = True
         self.start_step = start_step(self.start, state.max_steps)
         reshard(model)  # (FSDP2: the sharded parameters, which the optimizer updates)
         self.params = dict(model.named_parameters())
