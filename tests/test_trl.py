@@ -384,3 +384,57 @@ def test_a_compute_loss_override_that_calls_super_keeps_mesa(tmp_path):
                    train_dataset=text_data(), processing_class=TOKENIZER)
     trainer.train()
     assert trainer.state.log_history[1]["trajectory_loss"] > 0
+
+
+# ---- two processes -------------------------------------------------------------------------------------------
+def test_two_process_sft_wasam_equals_the_single_process_hand_reference(tmp_path):
+    """2 CPU processes (gloo): each perturbs with its own micro-batch's SFT gradient, the pass-2
+    gradients are averaged by DDP, and the SWA average of the SAM iterates is the final model."""
+    import os
+    import subprocess
+    import sys
+
+    import ddp_sft_train as run
+
+    script = os.path.join(os.path.dirname(__file__), "ddp_sft_train.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert not torch.equal(ranks[0]["calls"][0][0]["input_ids"], ranks[1]["calls"][0][0]["input_ids"])
+    scale = 2 if ranks[0]["average_tokens_across_devices"] else 1  # the Trainer's loss x processes, DDP's mean
+
+    model = tiny_llama()
+    model.load_state_dict(ranks[0]["initial"])
+    helper = SFTTrainer(model=model, args=run.settings(str(tmp_path / "h"), SFTConfig), train_dataset=text_data(),
+                        processing_class=TOKENIZER)
+    model.train()
+    params = list(model.parameters())
+    iterates = []
+    for step in range(run.STEPS):
+        total = [torch.zeros_like(p) for p in params]
+        for r in ranks:
+            batch, items = r["calls"][2 * step]  # pass 1 of this step (pass 2 runs on the same batch)
+            loss = lambda: scale * helper.compute_loss(model, dict(batch), num_items_in_batch=items)  # noqa: E731
+            g = torch.autograd.grad(loss(), params)
+            norm = torch.sqrt(sum((x.double() ** 2).sum() for x in g)).float()
+            e = [run.RHO * x / (norm + 1e-12) for x in g]
+            with torch.no_grad():
+                torch._foreach_add_(params, e)
+            g2 = torch.autograd.grad(loss(), params)
+            with torch.no_grad():
+                torch._foreach_sub_(params, e)
+            total = [t + x / 2 for t, x in zip(total, g2)]
+        with torch.no_grad():
+            torch._foreach_sub_(params, [run.LR * t for t in total])
+        iterates.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for r in ranks:
+        for step, after in enumerate(r["after"]):
+            for name, value in iterates[step].items():
+                assert torch.allclose(after[name], value, atol=1e-6), (step, name)
+    average = {n: (iterates[1][n] + iterates[2][n]) / 2 for n in iterates[0]}  # average_start 0.5 of 3 steps: 2, 3
+    for r in ranks:
+        for name, value in average.items():
+            assert torch.allclose(r["final"][name], value, atol=1e-6), name
