@@ -438,3 +438,16 @@ def test_two_process_sft_wasam_equals_the_single_process_hand_reference(tmp_path
     for r in ranks:
         for name, value in average.items():
             assert torch.allclose(r["final"][name], value, atol=1e-6), name
+
+
+def test_mesa_teacher_memory_benchmark_runs_and_lora_keeps_the_adapter_only():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import mesa_teacher_memory
+
+    full, lora = mesa_teacher_memory.main(["--tiny"])["rows"]
+    assert full["teacher_kind"] != "SwapTeacher" and full["teacher_share_of_model"] == pytest.approx(1.0, rel=0.05)
+    assert lora["teacher_kind"] == "SwapTeacher"
+    assert lora["teacher_mb"] * 2**20 == pytest.approx(4 * lora["trainable_parameters"], rel=0.05)  # float32 adapter
