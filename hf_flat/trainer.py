@@ -58,10 +58,11 @@ from transformers.utils import logging
 
 from . import base_trainers
 from .args import (
-    FLAT_SETTINGS, METHOD_PAPERS, FlatArgumentsMixin, FlatTrainingArguments, deepspeed_refusal, flat_arguments_class, fsdp1_refusal,
+    FlatArgumentsMixin, FlatTrainingArguments, deepspeed_refusal, flat_arguments_class, fsdp1_refusal,
     sharded_scope_refusal,
 )
 from .averaging import WeightAveraging, averaged_prefix, build_averaging
+from .model_card import FLAT_CARD_HEADING, flat_card_section, flat_tags
 from .methods import ESAM, MESA, SAF, build_perturbation, build_trajectory
 from .methods.outputs import captured_forward
 from .methods.saf import INDEX_KEY, IndexedCollator, IndexedDataset
@@ -692,26 +693,6 @@ def flat_trainer_class(base: type) -> type:
         doc = f"`{base.__module__}.{base.__qualname__}` with the flat-minima methods (`hf_flat.flat_trainer_class`)."
         _FLAT_TRAINERS[base] = FlatFirst(f"Flat{base.__name__}", (FlatTrainerMixin, base), {"__module__": __name__, "__doc__": doc})
     return _FLAT_TRAINERS[base]
-
-
-#: The heading of the section `create_model_card` adds.
-FLAT_CARD_HEADING = "## Flat-minima training (hf-flat)"
-
-
-def flat_tags(args) -> list[str]:
-    """The model-card tags of a flat run: ``hf-flat`` and the names of its methods (none for 'none')."""
-    parts = [p for p in (args.flat_perturbation, args.flat_averaging) if p]
-    return ["hf-flat", *parts] if parts else []
-
-
-def flat_card_section(args) -> str:
-    """The model card's section on the flat method: what it is, its paper, and its settings."""
-    parts = [p for p in (args.flat_perturbation, args.flat_averaging) if p]
-    lines = [FLAT_CARD_HEADING, "", f"Trained with hf-flat (flat-minima methods for the Hugging Face Trainer), `flat_method={str(args.flat_method)!r}`:", ""]
-    lines += [f"- {METHOD_PAPERS[p]}" for p in parts]
-    lines += ["", "| setting | value |", "|---|---|"]
-    lines += [f"| `{name}` | {getattr(args, name)!r} |" for p in parts for name in FLAT_SETTINGS[p]]
-    return "\n".join(lines) + "\n"
 
 
 def checkpoint_is_complete(folder: str) -> bool:

@@ -4,6 +4,9 @@ import os
 
 import pytest
 
+# TRL's trainers report usage to the Hub when they are built; no test sends anything.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 
 @pytest.fixture(autouse=True)
 def restored_environment():

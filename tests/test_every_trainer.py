@@ -290,3 +290,15 @@ def test_model_cards_name_the_flat_method_and_its_settings(tmp_path):
     assert "hf-flat" in card and "mesa" in card and "`mesa_decay` | 0.9995" in card and "arXiv 2205.14083" in card
     assert "sft" in card  # TRL's own tags stay
     assert {"hf-flat", "mesa"} <= set(trainer.model.model_tags)
+
+
+def test_trl_trainers_without_trl_name_the_install_command():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['trl'] = None\n"  # as if TRL were not installed
+            "import hf_flat\n"
+            "try:\n    hf_flat.FlatSFTTrainer\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install trl" in out.stdout and "flat_trainer_class" in out.stdout, out.stdout + out.stderr
+    assert "FlatSFTTrainer" in __import__("hf_flat").__all__

@@ -191,15 +191,22 @@ def test_step1_metrics_of_two_pass_methods_equal_the_plain_sft_trainers(tmp_path
         assert logged["loss"] == pytest.approx(plain_sft_step1["loss"], rel=1e-6)
 
 
-def test_step1_metrics_of_dpo_with_sam_equal_the_plain_dpo_trainers(tmp_path):
+@pytest.fixture(scope="module")
+def plain_dpo_step1(tmp_path_factory):
     model = tiny_llama()
-    plain = DPOTrainer(copy.deepcopy(model), copy.deepcopy(model), sgd(tmp_path / "p", DPOConfig),
+    plain = DPOTrainer(copy.deepcopy(model), copy.deepcopy(model), sgd(tmp_path_factory.mktemp("dpo"), DPOConfig),
                        train_dataset=preference_data(), processing_class=TOKENIZER)
     plain.train()
-    flat = FlatDPO(copy.deepcopy(model), copy.deepcopy(model), sgd(tmp_path / "f", FlatDPOConfig, flat_method="sam"),
+    return plain.state.log_history[0]
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "gsam", "looksam", "wasam"])
+def test_step1_metrics_of_dpo_with_two_pass_methods_equal_the_plain_dpo_trainers(tmp_path, plain_dpo_step1, method):
+    model = tiny_llama()
+    flat = FlatDPO(copy.deepcopy(model), copy.deepcopy(model), sgd(tmp_path / "f", FlatDPOConfig, flat_method=method),
                    train_dataset=preference_data(), processing_class=TOKENIZER)
     flat.train()
-    expected, logged = plain.state.log_history[0], flat.state.log_history[0]
+    expected, logged = plain_dpo_step1, flat.state.log_history[0]
     rewards = [k for k in expected if k.startswith(("rewards/", "logps/"))]
     assert "rewards/margins" in rewards
     for name in [*rewards, "num_tokens", "loss"]:
