@@ -66,7 +66,7 @@ from .model_card import FLAT_CARD_HEADING, flat_card_section, flat_tags
 from .methods import ESAM, MESA, SAF, build_perturbation, build_trajectory
 from .methods.outputs import captured_forward
 from .methods.saf import INDEX_KEY, IndexedCollator, IndexedDataset
-from .methods.trajectory import is_causal_lm
+from .methods.trajectory import is_language_model
 from .methods.two_pass import start_step
 from .state_file import is_sharded_state, load_flat_state, save_flat_state, save_shard_file
 from .swa_schedule import SWASchedule
@@ -403,14 +403,12 @@ class FlatTrainerMixin(metaclass=FlatFirst):
                 f"{preference} batch's rows are chosen / rejected completions that its loss takes in pairs. Use "
                 "flat_method='sam' (or 'asam', 'gsam', 'looksam', 'avg_sam') with sam_m=None."
             )
-        if isinstance(self.trajectory, SAF):
-            config = getattr(self.model, "config", None)
-            if is_causal_lm(self.model) or getattr(config, "is_encoder_decoder", False):
-                raise ValueError(
-                    "flat_method='saf' keeps one row of logits per training sample from earlier epochs, but this model "
-                    "predicts one distribution per token: the memory would need samples x tokens x vocabulary entries. "
-                    "Use flat_method='mesa', whose EMA teacher gives per-token targets without a memory."
-                )
+        if isinstance(self.trajectory, SAF) and is_language_model(self.model):
+            raise ValueError(
+                "flat_method='saf' keeps one row of logits per training sample from earlier epochs, but this model "
+                "predicts one distribution per token: the memory would need samples x tokens x vocabulary entries. "
+                "Use flat_method='mesa', whose EMA teacher gives per-token targets without a memory."
+            )
 
     def _check_sharded_setup(self):
         """Refuse what DeepSpeed, FSDP or Megatron-LM (however launched: arguments or an accelerate

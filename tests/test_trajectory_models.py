@@ -241,3 +241,19 @@ def test_saf_takes_batch_encoding_examples(tmp_path):
         runs[-1].train()
     assert_same_weights(runs[0].model, runs[1].model)
     assert (runs[1].trajectory.epochs == 1).all() and runs[1].state.log_history[-2]["trajectory_loss"] > 0
+
+
+def test_saf_is_refused_for_language_models_only():
+    from transformers import (
+        BartConfig, BartForConditionalGeneration, BartForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+    )
+
+    from hf_flat.methods.trajectory import is_language_model
+
+    bart = dict(vocab_size=20, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8, max_position_embeddings=16)
+    assert is_language_model(GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=8, n_embd=8, n_layer=1, n_head=2)))
+    assert is_language_model(BartForConditionalGeneration(BartConfig(**bart)))
+    # an encoder-decoder classifier has one row of logits per sample: SAF's memory fits it
+    assert not is_language_model(BartForSequenceClassification(BartConfig(num_labels=3, **bart)))
+    assert not is_language_model(TinyNet())

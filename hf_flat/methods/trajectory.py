@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+)
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -128,6 +130,14 @@ def is_causal_lm(model) -> bool:
         return True
     encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not encoder_decoder
+
+
+def is_language_model(model) -> bool:
+    """Whether `model` predicts a distribution over the vocabulary per token: a causal LM
+    (`is_causal_lm`) or a sequence-to-sequence LM (T5, BART's generation head; not an
+    encoder-decoder classifier)."""
+    seq2seq = set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values())
+    return is_causal_lm(model) or any(cls.__name__ in seq2seq for cls in type(unwrapped(model)).__mro__)
 
 
 def head_kind(model, logits: torch.Tensor) -> str:
