@@ -142,8 +142,7 @@ class FlatTrainerMixin(metaclass=FlatFirst):
         init = super().__init__
         signature = inspect.signature(init)
         if base_trainers.parameter_named(signature, "args") is None:  # a base taking *args, **kwargs
-            signature = inspect.signature(Trainer.__init__).replace(
-                parameters=list(inspect.signature(Trainer.__init__).parameters.values())[1:])
+            signature = inspect.signature(Trainer.__init__.__get__(self))  # passes them on to Trainer's
         bound = signature.bind_partial(*args, **kwargs)
         if bound.arguments.get("args") is not None:
             bound.arguments["args"] = as_flat_args(bound.arguments["args"], warn=True)

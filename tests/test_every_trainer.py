@@ -302,3 +302,21 @@ def test_trl_trainers_without_trl_name_the_install_command():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install trl" in out.stdout and "flat_trainer_class" in out.stdout, out.stdout + out.stderr
     assert "FlatSFTTrainer" in __import__("hf_flat").__all__
+
+
+def test_a_trainer_with_its_own_training_loop_is_refused():
+    class OwnLoop(Trainer):
+        def _inner_training_loop(self, *args, **kwargs):
+            raise AssertionError("not reached")
+
+    with pytest.raises(TypeError, match="OwnLoop replaces the Trainer's training loop"):
+        flat_trainer_class(OwnLoop)
+
+
+def test_a_base_taking_only_args_and_kwargs_gets_flat_arguments(tmp_path):
+    class PassThrough(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    trainer = flat_trainer_class(PassThrough)(TinyNet(), sgd_args(tmp_path, flat_method="sam"), train_dataset=TinyData())
+    assert trainer.args.flat_method == "sam" and trainer.perturbation is not None
