@@ -5,6 +5,7 @@ Nothing here imports TRL: classes are recognised by name along their MRO, so tha
 without TRL installed and with every TRL version that has these trainers.
 """
 
+import contextlib
 import copy
 import inspect
 
@@ -67,21 +68,16 @@ def is_a(trainer, names) -> str | None:
     return None
 
 
-class metrics_unchanged:
+@contextlib.contextmanager
+def metrics_unchanged(trainer):
     """Within this block, the trainer's own running metrics (`METRIC_STATE`) may change; afterwards
     they are what they were before it."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def __enter__(self):
-        self.saved = {n: copy.deepcopy(getattr(self.trainer, n)) for n in METRIC_STATE if hasattr(self.trainer, n)}
-        return self
-
-    def __exit__(self, *exc):
-        for name, value in self.saved.items():
-            setattr(self.trainer, name, value)
-        return False
+    saved = {name: copy.deepcopy(getattr(trainer, name)) for name in METRIC_STATE if hasattr(trainer, name)}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(trainer, name, value)
 
 
 def new_eval_metrics(before: dict, after: dict) -> dict[str, float]:

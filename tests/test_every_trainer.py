@@ -165,7 +165,7 @@ def test_sft_eval_avg_carries_trls_metrics_computed_on_the_average_only(tmp_path
     assert averaged[1]["eval_avg_entropy"] != pytest.approx(averaged[1]["eval_entropy"], rel=1e-6)
 
     # eval_avg_* at step 4 is the plain SFTTrainer's evaluation of a model holding the average
-    snapshots, model = runs["swa"][1], runs["swa"][2].model
+    snapshots = runs["swa"][1]
     reference = trl.SFTTrainer(model=holding(tiny_llama(), mean_of(snapshots.after)),
                                args=trl.SFTConfig(str(tmp_path / "r"), **common), train_dataset=data, eval_dataset=data,
                                processing_class=tokenizer)

@@ -17,7 +17,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 import hf_flat
-from hf_flat import WeightAveraging, flat_arguments_class, flat_trainer_class
+from hf_flat import flat_arguments_class, flat_trainer_class
 from helpers import LM_TEXTS, tiny_llama, tiny_lm_tokenizer
 
 trl = pytest.importorskip("trl")

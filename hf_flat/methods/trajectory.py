@@ -27,6 +27,7 @@ was given its labels and so returns its loss first.
 """
 
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Mapping
 
 import torch
@@ -199,7 +200,7 @@ def student_logits(trainer, seen) -> torch.Tensor:
 
 
 # ---- the methods' shared life cycle ----------------------------------------------------------------
-class TrajectoryMethod(TrainerCallback):
+class TrajectoryMethod(TrainerCallback, metaclass=ABCMeta):
     """What SAF and MESA share as `TrainerCallback`s: when training begins, whether the term can be
     used at all in this run. If it cannot (the first epoch it could be non-zero is past the last
     epoch, counting from 0 like ``int(state.epoch)``), warn once, keep nothing (`release`) and
@@ -226,11 +227,11 @@ class TrajectoryMethod(TrainerCallback):
         handed to `term` as its `target` (MESA: the teacher's logits)."""
         return None
 
+    @abstractmethod
     def term(self, trainer, seen, inputs, target=None):
         """The term for a training micro-batch, from what the model returned (`seen`, a
         `hf_flat.methods.outputs.CapturedForward`), the micro-batch `inputs` as the trainer got it
         (labels included) and `before_forward`'s `target`; None when there is none."""
-        raise NotImplementedError
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self.active or self.used:
