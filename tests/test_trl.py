@@ -172,7 +172,7 @@ def plain_sft_step1(tmp_path_factory):
     trainer = SFTTrainer(model=tiny_llama(), args=sgd(tmp_path_factory.mktemp("plain"), SFTConfig),
                          train_dataset=text_data(), processing_class=TOKENIZER)
     trainer.train()
-    return trainer.state.log_history[0]
+    return {**trainer.state.log_history[0], "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()}}
 
 
 @pytest.mark.parametrize("method", ["sam", "asam", "gsam", "looksam", "esam", "avg_sam", "wasam", "sam_m", "step"])
@@ -189,6 +189,9 @@ def test_step1_metrics_of_two_pass_methods_equal_the_plain_sft_trainers(tmp_path
         assert logged[name] == pytest.approx(plain_sft_step1[name], rel=1e-6), name
     if method != "avg_sam":
         assert logged["loss"] == pytest.approx(plain_sft_step1["loss"], rel=1e-6)
+    # and the method acted: its step is not the plain SFT step
+    moved = max((p.detach() - plain_sft_step1["weights"][n]).abs().max().item() for n, p in trainer.model.named_parameters())
+    assert moved > 1e-6
 
 
 @pytest.fixture(scope="module")
