@@ -207,10 +207,31 @@ class FlatTrainerMixin(metaclass=FlatFirst):
         if resume_from_checkpoint:
             refuse_incomplete_checkpoint(str(resume_from_checkpoint))
         self._flat_checkpoint = resume_from_checkpoint or None
+        self._start_flat_run()
+        self._attempts = 0
+        return super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval, **kwargs)
+
+    def _start_flat_run(self):
+        """New flat state for a training run: new method objects (restored from `_flat_checkpoint`
+        when resuming) and empty log sums, then the checks that refuse an unsupported set-up."""
         self._log_sums, self._log_steps, self._log_perturbed_steps, self._perturbed_step = {}, 0, 0, False
         self._set_up_flat_methods()
         self._check_training_setup()
-        return super().train(resume_from_checkpoint or None, trial, ignore_keys_for_eval, **kwargs)
+
+    def _inner_training_loop(self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None,
+                             ignore_keys_for_eval=None):
+        """`Trainer.train` runs this loop once, and with ``auto_find_batch_size`` again with a smaller
+        batch after each out-of-memory error (accelerate's `find_executable_batch_size`). Every
+        attempt after the first starts new flat state, as a new `train()` would: nothing of the
+        abandoned attempt (an n-SAM window, GSAM's learning-rate range, an average's snapshots,
+        average SAM's and ESAM's draw counts, a MESA teacher, SAF's memory) reaches the retry.
+
+        (A private member of `Trainer`; tests/test_retries_and_edges.py fails if a retry stops
+        coming through here.)"""
+        self._attempts = getattr(self, "_attempts", 0) + 1
+        if self._attempts > 1:
+            self._start_flat_run()
+        return super()._inner_training_loop(batch_size, args, resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     def hyperparameter_search(self, hp_space=None, compute_objective=None, *args, **kwargs):
         """`Trainer.hyperparameter_search`. The default objective is the Trainer's, computed on the
@@ -225,8 +246,7 @@ class FlatTrainerMixin(metaclass=FlatFirst):
         The flat methods are then built again from those values."""
         super()._hp_search_setup(trial)
         if trial is not None:
-            self._set_up_flat_methods()
-            self._check_training_setup()
+            self._start_flat_run()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if isinstance(self.trajectory, SAF):  # the sample indices never reach the model

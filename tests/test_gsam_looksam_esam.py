@@ -117,18 +117,20 @@ def test_gsam_step_scope(tmp_path, max_grad_norm):
     assert_elsewhere(reference_flat_family(initial, steps, "gsam", **dict(kwargs, scope="micro")), expected)
 
 
-def test_gsam_rho_follows_the_learning_rate(tmp_path):
+@pytest.mark.parametrize("rho_min", [0.01, 0.0])  # 0: no perturbation at the smallest rate (the direction is g_p)
+@pytest.mark.parametrize("scope", ["micro", "step"])
+def test_gsam_rho_follows_the_learning_rate(tmp_path, rho_min, scope):
     initial = TinyNet()
     trainer, batches = train_recorded(tmp_path, copy.deepcopy(initial), num_train_epochs=3, flat_method="gsam",
-                                      sam_rho=0.5, gsam_rho_min=0.01, lr_scheduler_type="linear")
+                                      sam_rho=0.5, gsam_rho_min=rho_min, lr_scheduler_type="linear", sam_scope=scope)
     total = trainer.state.global_step
     lrs = [0.1 * (total - t + 1) / total for t in range(1, total + 1)]  # linear decay, no warmup: step t's lr
     logged = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
     assert logged == pytest.approx(lrs, abs=1e-9)
     steps = group_steps(batches, 1, total)
     losses, perturbed = [], []
-    expected = reference_flat_family(initial, steps, "gsam", rho=0.5, rho_min=0.01, lrs=lrs, losses=losses,
-                                     perturbed_losses=perturbed)
+    expected = reference_flat_family(initial, steps, "gsam", rho=0.5, rho_min=rho_min, lrs=lrs, losses=losses,
+                                     perturbed_losses=perturbed, scope=scope)
     assert_same_weights(trainer.model, expected, atol=ATOL)
     assert_logs(trainer, losses, perturbed)
     # rho does vary: a constant rho (same learning rates) ends elsewhere

