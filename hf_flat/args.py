@@ -417,6 +417,13 @@ class FlatArgumentsMixin:
                 "with averaging, which this method does not do. Use an averaging method ('swa', 'ema', 'lawa', "
                 "'<perturbation>+swa', ...), or leave swa_lr=None."
             )
+        if self.swa_lr is not None and self.lr_scheduler_type == "reduce_lr_on_plateau":
+            raise ValueError(
+                f"swa_lr={self.swa_lr!r} is not allowed with lr_scheduler_type='reduce_lr_on_plateau': SWA's schedule "
+                "sets the rate at every optimizer step from averaging's start on, and ReduceLROnPlateau steps only on "
+                "evaluation metrics. Use a step-wise lr_scheduler_type (e.g. 'linear', 'cosine', 'constant') with "
+                "swa_lr, or leave swa_lr=None."
+            )
         if self.swa_cycle_steps:
             if self.swa_anneal_steps:
                 raise ValueError(
@@ -436,6 +443,14 @@ class FlatArgumentsMixin:
         _check(self, "gsam_alpha", lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
         _check(self, "gsam_rho_min", lambda v: v is None or (_is_number(v) and 0 <= v <= self.sam_rho),
                f"None or a number in [0, sam_rho={self.sam_rho!r}]")
+        if self.flat_perturbation == "gsam" and self.gsam_rho_min is not None and \
+                self.lr_scheduler_type == "reduce_lr_on_plateau":
+            raise ValueError(
+                f"gsam_rho_min={self.gsam_rho_min!r} is not allowed with lr_scheduler_type='reduce_lr_on_plateau': "
+                "rho follows the learning rate between its smallest and largest value over the run, which a "
+                "schedule driven by evaluation metrics does not know in advance. Use a step-wise lr_scheduler_type, "
+                "or gsam_rho_min=None (constant rho)."
+            )
         _check(self, "looksam_k", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
         _check(self, "looksam_alpha", lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
         _check(self, "esam_beta", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")

@@ -465,6 +465,12 @@ class FlatTrainerMixin(metaclass=FlatFirst):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         if self.args.swa_lr is None or self.averaging is None:
             return scheduler
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):  # one passed in `optimizers=`
+            raise ValueError(
+                f"swa_lr={self.args.swa_lr!r} is not supported with a ReduceLROnPlateau scheduler: SWA's schedule sets "
+                "the rate at every optimizer step from averaging's start on, and ReduceLROnPlateau steps only on "
+                "evaluation metrics. Pass a step-wise scheduler, or leave swa_lr=None."
+            )
         self.lr_scheduler = SWASchedule(
             scheduler, start_step(self.args.average_start, num_training_steps), self.args.swa_lr,
             self.args.swa_anneal_steps, self.args.swa_anneal_strategy, self.args.swa_cycle_steps,
@@ -599,6 +605,7 @@ class FlatTrainerMixin(metaclass=FlatFirst):
         would drop state the checkpoint holds (``wasam`` -> ``sam``) is refused, since it would
         silently restart or lose an average, a SAF memory or a MESA teacher.
         """
+        self._check_resumed_schedule(checkpoint)
         path = os.path.join(checkpoint, FLAT_STATE_NAME)
         tensors, meta = load_flat_state(path) if os.path.isfile(path) else ({}, {})
         saved, needed = state_kinds(meta), {kind for part in self._stateful_parts() for kind in part_kinds(part)}
@@ -624,6 +631,25 @@ class FlatTrainerMixin(metaclass=FlatFirst):
             raise ValueError(
                 f"The SAF memory in {checkpoint} has rows for {saf_rows.shape[1]} samples but train_dataset has "
                 f"{len(self.train_dataset)}: resume with the training data that wrote the checkpoint."
+            )
+
+    def _check_resumed_schedule(self, checkpoint):
+        """SWA's schedule (``swa_lr``) and the Trainer's own keep different state in the checkpoint's
+        ``scheduler.pt``: refuse a resume that switches ``swa_lr`` on or off."""
+        path = os.path.join(checkpoint, "scheduler.pt")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # no file, or a scheduler of the user's own: the Trainer loads it as it can
+            return
+        saved = isinstance(state, dict) and {"done", "start_lrs", "scheduler"} <= set(state)
+        wanted = self.args.swa_lr is not None and self.averaging is not None
+        if saved != wanted:
+            written = "SWA's schedule (it was written with swa_lr set)" if saved else "the Trainer's own schedule (it was written with swa_lr=None)"
+            instead = "the swa_lr it was written with" if saved else "swa_lr=None"
+            raise ValueError(
+                f"Cannot resume with swa_lr={self.args.swa_lr!r} from {checkpoint}: its scheduler.pt holds {written}, "
+                f"which this run's schedule cannot continue. Resume with {instead}, or start a new run from its "
+                f"weights: load the model from {checkpoint} and train without resume_from_checkpoint."
             )
 
     # ---- logging ---------------------------------------------------------------------------

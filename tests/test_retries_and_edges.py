@@ -100,3 +100,40 @@ def test_a_retry_with_a_smaller_batch_trains_as_a_fresh_run(tmp_path, name, fail
     fresh.train()
     assert retried.state.global_step == fresh.state.global_step == 9
     assert_same_weights(model, fresh_model)
+
+
+# ---- SWA's schedule: what it cannot follow, and resumes that switch it ---------------------------------
+@pytest.mark.parametrize("extra, message", [
+    (dict(flat_method="swa", swa_lr=0.05), r"swa_lr=0.05 is not allowed with lr_scheduler_type='reduce_lr_on_plateau'"),
+    (dict(flat_method="gsam", gsam_rho_min=0.01), r"gsam_rho_min=0.01 is not allowed with lr_scheduler_type="
+                                                  r"'reduce_lr_on_plateau'.*gsam_rho_min=None"),
+])
+def test_schedules_that_step_on_metrics_are_refused_at_construction(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        sgd_args(tmp_path, lr_scheduler_type="reduce_lr_on_plateau", **extra)
+
+
+def test_swa_lr_with_a_plateau_scheduler_passed_in_is_refused_before_the_first_step(tmp_path):
+    model = TinyNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    trainer = FlatTrainer(model=model, args=sgd_args(tmp_path, flat_method="swa", swa_lr=0.05),
+                          train_dataset=TinyData(), optimizers=(optimizer, plateau))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"swa_lr=0.05 is not supported with a ReduceLROnPlateau scheduler"):
+        trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("first, then, message", [
+    (dict(), dict(swa_lr=0.05), r"swa_lr=0.05 from .*checkpoint-2: its scheduler.pt holds the Trainer's own schedule "
+                                r"\(it was written with swa_lr=None\).*Resume with swa_lr=None"),
+    (dict(swa_lr=0.05), dict(), r"swa_lr=None from .*checkpoint-2: its scheduler.pt holds SWA's schedule.*Resume "
+                                r"with the swa_lr it was written with"),
+])
+def test_resuming_with_swa_lr_switched_on_or_off_is_refused_in_one_line(tmp_path, first, then, message):
+    settings = dict(flat_method="swa", average_start=0.0, save_strategy="steps", save_steps=2, max_steps=4)
+    FlatTrainer(model=TinyNet(), args=sgd_args(tmp_path, **settings, **first), train_dataset=TinyData()).train()
+    trainer = FlatTrainer(model=TinyNet(), args=sgd_args(tmp_path, **settings, **then), train_dataset=TinyData())
+    with pytest.raises(ValueError, match=message):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
