@@ -627,11 +627,18 @@ class FlatTrainerMixin(metaclass=FlatFirst):
         for part in self._stateful_parts():
             part.load_state_dict(tensors, meta)
         saf_rows = getattr(self.trajectory, "logits", None)
-        if isinstance(self.trajectory, SAF) and saf_rows is not None and saf_rows.shape[1] != len(self.train_dataset):
-            raise ValueError(
-                f"The SAF memory in {checkpoint} has rows for {saf_rows.shape[1]} samples but train_dataset has "
-                f"{len(self.train_dataset)}: resume with the training data that wrote the checkpoint."
-            )
+        if isinstance(self.trajectory, SAF) and saf_rows is not None:
+            if saf_rows.shape[1] != len(self.train_dataset):
+                raise ValueError(
+                    f"Cannot resume from {checkpoint}: its SAF memory has rows for {saf_rows.shape[1]} samples but "
+                    f"train_dataset has {len(self.train_dataset)}. Resume with the training data that wrote the checkpoint."
+                )
+            if saf_rows.shape[0] != self.trajectory.past_epochs:
+                raise ValueError(
+                    f"Cannot resume saf_past_epochs={self.trajectory.past_epochs!r} from {checkpoint}: its SAF memory "
+                    f"keeps {saf_rows.shape[0]} past epoch(s), in slots by epoch modulo that number. Resume with "
+                    f"saf_past_epochs={saf_rows.shape[0]}."
+                )
 
     def _check_resumed_schedule(self, checkpoint):
         """SWA's schedule (``swa_lr``) and the Trainer's own keep different state in the checkpoint's

@@ -137,3 +137,12 @@ def test_resuming_with_swa_lr_switched_on_or_off_is_refused_in_one_line(tmp_path
     trainer = FlatTrainer(model=TinyNet(), args=sgd_args(tmp_path, **settings, **then), train_dataset=TinyData())
     with pytest.raises(ValueError, match=message):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_resuming_saf_with_another_number_of_past_epochs_is_refused(tmp_path):
+    settings = dict(flat_method="saf", saf_start_epoch=0, save_strategy="steps", save_steps=4, num_train_epochs=4)
+    FlatTrainer(model=TinyNet(), args=sgd_args(tmp_path, saf_past_epochs=2, **settings), train_dataset=TinyData()).train()
+    trainer = FlatTrainer(model=TinyNet(), args=sgd_args(tmp_path, saf_past_epochs=1, **settings), train_dataset=TinyData())
+    with pytest.raises(ValueError, match=r"Cannot resume saf_past_epochs=1 from .*checkpoint-8: its SAF memory keeps 2 "
+                                         r"past epoch\(s\).*Resume with saf_past_epochs=2"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
