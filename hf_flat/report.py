@@ -30,6 +30,51 @@ def _curve_results(folder):
     return found
 
 
+def curve_weights(found) -> list[str]:
+    """The weights (`live` / `averaged`) of the two ends of an `hf-flat connect` run, from its
+    results.json (`--weights`: one value for both, or one each; a run from before --weights: live)."""
+    weights = found.get("arguments", {}).get("weights") or ["live"]
+    weights = [weights] if isinstance(weights, str) else list(weights)
+    return (weights * 2)[:2] if len(weights) == 1 else weights[:2]
+
+
+def _weights_text(which) -> str:
+    return f"{which} weights"
+
+
+def match_curves(curves, paths, weights) -> dict:
+    """{(i, j): (folder, found)}: each `hf-flat connect` folder matched to the pair of MODELs whose
+    path *and* weights (live / averaged) are its ends; a curve whose ends are not two of the MODELs
+    with those weights is refused, naming what differs and what to pass instead."""
+    index = {(os.path.abspath(p), w): i for i, (p, w) in enumerate(zip(paths, weights))}
+    given = {}
+    for p, w in zip(paths, weights):
+        given.setdefault(os.path.abspath(p), []).append(w)
+    matched = {}
+    for folder, found in curves.items():
+        ends = list(zip(found["models"], curve_weights(found)))
+        at = [index.get((os.path.abspath(m), w)) for m, w in ends]
+        for (model, which), i in zip(ends, at):
+            if i is not None:
+                continue
+            if os.path.abspath(model) not in given:
+                raise UsageError(f"--curves {folder} joins {model}, which is not one of the MODELs.")
+            here = " and ".join(given[os.path.abspath(model)])
+            raise UsageError(
+                f"--curves {folder} joins the {_weights_text(which)} of {model} (its `hf-flat connect --weights "
+                f"{' '.join(curve_weights(found))}`), but this report has {model} with --weights {here}: its "
+                f"barriers belong to other weights. Give {model} with --weights {which} here (one --weights value "
+                "per MODEL), or run `hf-flat connect` again on the weights this report uses.")
+        if at[0] == at[1]:
+            raise UsageError(f"--curves {folder} joins {ends[0][0]} ({_weights_text(ends[0][1])}) to itself: "
+                             "give a curve between two different MODELs.")
+        pair = tuple(sorted(at))
+        if pair in matched:
+            raise UsageError(f"--curves {matched[pair][0]} and {folder} join the same pair of MODELs: give one.")
+        matched[pair] = (folder, found)
+    return matched
+
+
 def _row(value):
     return "-" if value is None else f"{value:.4g}"
 
@@ -45,14 +90,7 @@ def run_report(args) -> dict:
     if len(set(keys)) != len(keys):
         raise UsageError("a model is given twice (with the same --weights): give each once.")
     curves = {folder: _curve_results(folder) for folder in args.curves}
-    index = {os.path.abspath(p): i for i, p in enumerate(paths)}
-    pairs_of_curves = {}
-    for folder, found in curves.items():
-        a, b = (index.get(m) for m in found["models"])
-        if a is None or b is None:
-            missing = [m for m in found["models"] if m not in index]
-            raise UsageError(f"--curves {folder} joins {missing[0]}, which is not one of the MODELs.")
-        pairs_of_curves[tuple(sorted((a, b)))] = (folder, found)
+    pairs_of_curves = match_curves(curves, paths, weights)
 
     os.makedirs(args.output_dir, exist_ok=True)
     import torch
@@ -85,7 +123,8 @@ def run_report(args) -> dict:
         rows = [{"t": r.pop("alpha"), **r} for r in interpolate(models[i], models[j], eval_sets, interior, bn)]
         rows = ([{"t": 0.0, **results["models"][i]["evaluation"]}] + rows
                 + [{"t": 1.0, **results["models"][j]["evaluation"]}])
-        pair = {"a": paths[i], "b": paths[j], "line": rows, "barriers": {}}
+        pair = {"a": paths[i], "weights_a": weights[i], "name_a": names[i], "b": paths[j], "weights_b": weights[j],
+                "name_b": names[j], "line": rows, "barriers": {}}
         for name in eval_sets:
             for quantity in ("loss", "metric"):
                 if quantity in rows[0][name]:
@@ -120,7 +159,7 @@ def run_report(args) -> dict:
             cells = [_row(b.get(f"{path}/{name}/{quantity}", {}).get("height"))
                      for path in ("line", "curve") for name, quantity in
                      (("train", "loss"), ("test", "loss"), ("test", "metric"))]
-            lines.append(f"| {model_name(pair['a'])} | {model_name(pair['b'])} | " + " | ".join(cells) + " |")
+            lines.append(f"| {pair['name_a']} | {pair['name_b']} | " + " | ".join(cells) + " |")
     lines += ["", f"Sharpness: rho {args.rho}, m {args.m}, {args.n} (adversarial) and {args.n_average} (average) "
               f"batches; asymmetry: mu {args.mu}, {args.directions} directions; Hessian: {args.hessian_iterations} "
               f"power iterations; all on the training split. Barrier: max over t of the path's value above the "
