@@ -10,7 +10,9 @@ from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback
 
 from hf_flat import FlatTrainer
-from helpers import TinyData, TinyNet, assert_same_weights, sgd_args
+from helpers import (
+    RecordingCollator, TinyData, TinyNet, assert_same_weights, group_steps, reference_where_and_when, sgd_args,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -146,3 +148,51 @@ def test_resuming_saf_with_another_number_of_past_epochs_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"Cannot resume saf_past_epochs=1 from .*checkpoint-8: its SAF memory keeps 2 "
                                          r"past epoch\(s\).*Resume with saf_past_epochs=2"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+
+
+# ---- BatchNorm cannot normalise one sample: no one-sample group of hf-flat's making -------------------------
+def forward_sizes(model):
+    """The batch size of every training forward of `model`, in order."""
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: sizes.append(kwargs["x"].shape[0]) if module.training
+                                    else None, with_kwargs=True)
+    return sizes
+
+
+def test_sam_m_s_one_sample_last_chunk_joins_the_chunk_before_it_on_a_batchnorm_model(tmp_path):
+    initial = TinyNet(batchnorm=True)
+    collator = RecordingCollator()
+    model = copy.deepcopy(initial)
+    sizes = forward_sizes(model)
+    trainer = FlatTrainer(model=model, args=sgd_args(tmp_path, flat_method="sam", sam_m=2), train_dataset=TinyData(n=15),
+                          data_collator=collator)
+    trainer.train()  # the plain Trainer trains on this data (a last batch of 3); a chunk of 1 sample would fail
+    assert sizes == [2, 2, 2, 2] * 3 + [3, 3]
+    steps = group_steps(collator.batches, 1, 4)
+    expected = reference_where_and_when(initial, steps[:3], "sam", m=2)
+    expected = reference_where_and_when(expected, steps[3:], "sam", m=None)  # (SGD keeps no state between the two)
+    assert_same_weights(trainer.model, expected, atol=1e-6)
+    assert torch.allclose(trainer.model.bn.running_mean, expected.bn.running_mean, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gsam", "avg_sam"])
+def test_other_chunked_methods_train_a_batchnorm_model_with_an_odd_last_batch(tmp_path, method):
+    model = TinyNet(batchnorm=True)
+    sizes = forward_sizes(model)
+    FlatTrainer(model=model, args=sgd_args(tmp_path, flat_method=method, sam_m=2), train_dataset=TinyData(n=15)).train()
+    assert sizes[-1] == 3 and 1 not in sizes
+
+
+def test_esam_keeps_two_samples_of_a_batchnorm_model(tmp_path):
+    model = TinyNet(batchnorm=True)
+    sizes = forward_sizes(model)
+    trainer = FlatTrainer(model=model, args=sgd_args(tmp_path, flat_method="esam", esam_gamma=0.5),
+                          train_dataset=TinyData(n=14))
+    trainer.train()
+    assert sizes[-3:] == [2, 2, 2]  # the last batch of 2: pass 1, selection, pass 2 on both samples
+    assert 1 not in sizes
+    from hf_flat.methods.esam import ESAM
+    rise, counted = torch.tensor([0.3, 0.1]), torch.ones(2)
+    batch = {"x": torch.arange(2.0), "labels": torch.arange(2)}
+    assert ESAM(gamma=0.5).select(batch, rise, counted)[0]["x"].tolist() == [0.0]  # one sample without BatchNorm
+    assert ESAM(gamma=0.5).select(batch, rise, counted, two_or_more=True)[0]["x"].tolist() == [0.0, 1.0]

@@ -17,7 +17,8 @@ code dydjw9/Efficient_SAM (`utils/Esam.py`). Two savings on SAM's two passes:
 - **Sharpness-sensitive data selection (SDS).** A forward pass without grad at ``w + e`` gives each
   sample's loss; pass 2 (forward and backward at ``w + e``) runs only on the ``ceil(gamma * n)``
   samples (``esam_gamma``) of the micro-batch whose loss rose most, ``l_i(w + e) - l_i(w)``, and its
-  gradient is the mean loss of those samples.
+  gradient is the mean loss of those samples. On a model with BatchNorm, which cannot normalise one
+  sample, it keeps at least two.
 
 Per-sample losses are computed for classification heads (logits ``(batch, classes)``, integer
 labels) and token-level cross-entropy heads (logits ``(batch, tokens, classes)``, labels with -100
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 from .avg_sam import direction_seed
 from .sam import EPS
 from .trajectory import is_causal_lm, logits_of, returns_loss_first
-from .two_pass import TwoPassMethod, _add_perturbation, _restore, frozen_batchnorm_statistics
+from .two_pass import TwoPassMethod, _add_perturbation, _restore, frozen_batchnorm_statistics, normalises_over_samples
 
 #: Version of the layout of this method's part of the flat state file.
 STATE_VERSION = "1"
@@ -159,7 +160,7 @@ class ESAM(TwoPassMethod):
                 after, _ = sample_losses(trainer, seen, inputs)
                 del seen
                 perturbed = at_e
-                selected, share_of_items = self.select(inputs, after - before, counted)
+                selected, share_of_items = self.select(inputs, after - before, counted, normalises_over_samples(model))
                 if num_items_in_batch is not None:
                     items = num_items_in_batch * share_of_items
             with sync, frozen_batchnorm_statistics(model):
@@ -168,11 +169,11 @@ class ESAM(TwoPassMethod):
             _restore(active_params, saved)
         return loss, perturbed, saved
 
-    def select(self, inputs: dict, rise: torch.Tensor, counted: torch.Tensor) -> tuple[dict, float]:
+    def select(self, inputs: dict, rise: torch.Tensor, counted: torch.Tensor, two_or_more=False) -> tuple[dict, float]:
         """The ``ceil(gamma * n)`` samples of `inputs` with the largest loss `rise` (in batch order),
-        and their share of the micro-batch's counted items."""
+        at least two if `two_or_more` (BatchNorm), and their share of the micro-batch's counted items."""
         n = rise.shape[0]
-        keep = max(1, math.ceil(self.gamma * n))
+        keep = max(2 if two_or_more else 1, math.ceil(self.gamma * n))
         if keep >= n:
             return inputs, 1.0
         index = torch.topk(rise, keep).indices.sort().values

@@ -33,7 +33,8 @@ perturbation per m samples) with n-SAM (one per large batch); Foret et al. (ICLR
   a loss normalised by ``num_items_in_batch`` stays the chunk's token sum over
   ``num_items_in_batch``; both add up over the chunks to the micro-batch's loss, which the Trainer
   then scales for accumulation as usual. So the step's gradient is the mean of the chunks' SAM
-  gradients. Only the last chunk's pass 2 is synchronised.
+  gradients. Only the last chunk's pass 2 is synchronised. On a model with BatchNorm, which cannot
+  normalise one sample, a last chunk of one sample joins the chunk before it.
 - ``"step"`` (n-SAM): one perturbation per optimizer step, from the gradient of the whole step.
   Pass 1 runs on each micro-batch as it comes, synchronised as the Trainer arranges, so that after
   the last micro-batch the gradients hold the step's gradient, all-reduced over processes. The
@@ -131,10 +132,17 @@ def batch_size_of(inputs: dict) -> int:
     raise ValueError("sam_m needs the batch as tensors with the samples along the first dimension; this batch has none.")
 
 
-def split_batch(inputs: dict, m: int) -> list[tuple[dict, int]]:
+def normalises_over_samples(model: nn.Module) -> bool:
+    """Whether `model` has a BatchNorm layer in training mode: such a layer cannot normalise a group
+    of one sample (torch: "Expected more than 1 value per channel when training")."""
+    return any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
+
+
+def split_batch(inputs: dict, m: int, no_single: bool = False) -> list[tuple[dict, int]]:
     """Cut a collated batch into chunks of `m` samples along the first dimension: `(chunk, size)`
     pairs. Tensors, lists and tuples with one entry per sample are cut; other values (scalars,
-    flags) go to every chunk whole."""
+    flags) go to every chunk whole. `no_single`: a last chunk of one sample joins the chunk
+    before it (for BatchNorm models, `normalises_over_samples`)."""
     size = batch_size_of(inputs)
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] != size:
@@ -142,9 +150,11 @@ def split_batch(inputs: dict, m: int) -> list[tuple[dict, int]]:
                 f"sam_m={m} cuts each batch into chunks along the first dimension, but input {key!r} has "
                 f"shape {tuple(value.shape)} while the batch has {size} samples: leave sam_m=None for such inputs."
             )
+    begins = list(range(0, size, m))
+    if no_single and len(begins) > 1 and size - begins[-1] == 1:
+        begins.pop()
     chunks = []
-    for begin in range(0, size, m):
-        end = min(begin + m, size)
+    for begin, end in zip(begins, [*begins[1:], size]):
         chunk = {
             key: value[begin:end]
             if (isinstance(value, torch.Tensor) and value.dim() > 0) or (isinstance(value, (list, tuple)) and len(value) == size)
@@ -389,7 +399,7 @@ class TwoPassMethod(ABC):
         """`(chunk, share)` pairs: the micro-batch whole, or cut into `m`-sample chunks."""
         if self.m is None:
             return [(inputs, 1)]
-        pieces = split_batch(inputs, self.m)
+        pieces = split_batch(inputs, self.m, no_single=normalises_over_samples(trainer.model))
         size = sum(n for _, n in pieces)
         return [(chunk, 1 if n == size else n / size) for chunk, n in pieces]
 
