@@ -344,7 +344,7 @@ def _norm(a):
 
 def reference_flat_family(
     model, steps, method, rho=0.05, lr=0.1, max_grad_norm=0.0, scope="micro", alpha=None, rho_min=None, lrs=None,
-    k=5, start=0.0, beta=1.0, gamma=0.5, seed=0, perturbed_steps=None, perturbed_losses=None, losses=None,
+    k=5, start=0.0, beta=1.0, gamma=0.5, seed=0, perturbed_steps=None, perturbed_losses=None, losses=None, unused=(),
 ):
     """Train a copy of `model` by hand with GSAM, LookSAM or ESAM, written out from their
     definitions (notes/issue14_spec.md). `steps`: a list of optimizer steps, each a list of
@@ -362,7 +362,8 @@ def reference_flat_family(
       g + alpha ||g||/(||g_v|| + 1e-12) g_v. Steps before s: plain.
     - "esam" (`beta`, `gamma`, `seed`): per micro-batch b of each rank, S = all tensors (beta = 1)
       or `hf_flat.methods.esam.esam_subset(seed, str(rank), index, n, beta)` (index counted per rank);
-      e = (rho/beta) g_S/(||g_S|| + 1e-12) on S; per-sample losses at w and at w + e; B+ = the
+      e = (rho/beta) g_S/(||g_S|| + 1e-12) on S (`unused`: names of tensors the forward does not use,
+      left out of S; S empty: every tensor, rho unscaled); per-sample losses at w and at w + e; B+ = the
       ceil(gamma |b|) samples with the largest rise; gradient grad(L_{B+}(w + e)/k).
       `perturbed_steps` as for GSAM.
     Then: mean over ranks, optional clipping, SGD step with lr `lrs[t - 1]` (default `lr`).
@@ -438,8 +439,8 @@ def reference_flat_family(
             return [True] * n
         from hf_flat.methods.esam import esam_subset
 
-        chosen = list(esam_subset(seed, stream, index, n, beta))
-        return chosen if any(chosen) else None  # an empty draw: every tensor, rho unscaled
+        chosen = [c and name not in unused for c, (name, _) in zip(esam_subset(seed, stream, index, n, beta), named)]
+        return chosen if any(chosen) else None  # an empty draw (or of unused tensors only): every tensor, rho unscaled
 
     first = max(1, math.ceil(Fraction(repr(float(start))) * total_steps))
 

@@ -196,3 +196,71 @@ def test_esam_keeps_two_samples_of_a_batchnorm_model(tmp_path):
     batch = {"x": torch.arange(2.0), "labels": torch.arange(2)}
     assert ESAM(gamma=0.5).select(batch, rise, counted)[0]["x"].tolist() == [0.0]  # one sample without BatchNorm
     assert ESAM(gamma=0.5).select(batch, rise, counted, two_or_more=True)[0]["x"].tolist() == [0.0, 1.0]
+
+
+# ---- ESAM's corner cases ---------------------------------------------------------------------------------
+class TupleNet(TinyNet):
+    """TinyNet with tuple outputs, as a transformers model with ``return_dict=False``: ``(loss, logits)``
+    when given labels, else ``(logits,)``; and extra trainable tensors that its forward never uses."""
+
+    def __init__(self, unused=False):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig()  # (the Trainer reads it for label smoothing)
+        if unused:
+            self.spare = torch.nn.Linear(3, 3)
+
+    def forward(self, x, labels=None):
+        out = super().forward(x, labels)
+        return (out["logits"],) if labels is None else (out["loss"], out["logits"])
+
+
+def test_esam_ranks_by_the_label_smoothed_loss_of_tuple_outputs(tmp_path):
+    """With label_smoothing_factor the Trainer pops the labels and smooths; ESAM ranks the samples by
+    that smoothed loss, read from tuple outputs without labels (an IndexError before issue 23's
+    hooks)."""
+    from hf_flat.methods.esam import sample_losses
+    from hf_flat.methods.outputs import captured_forward
+
+    model = TupleNet()
+    trainer = FlatTrainer(model=model, args=sgd_args(tmp_path, flat_method="esam", label_smoothing_factor=0.3),
+                          train_dataset=TinyData())
+    batch = {"x": TinyData().x[:4], "labels": TinyData().y[:4]}
+    with captured_forward(model) as seen:
+        trainer.compute_loss(model, dict(batch))  # pops the labels, as in training
+    losses, counted = sample_losses(trainer, seen, batch)
+    logits = model(batch["x"])[0]
+    by_hand = torch.stack([trainer.label_smoother((logits[i:i + 1],), batch["labels"][i:i + 1]) for i in range(4)])
+    assert torch.allclose(losses, by_hand, atol=1e-6)
+    plain = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+    assert not torch.allclose(losses, plain, atol=1e-3)  # the smoothing does change each sample's loss
+    trainer.train()  # and a whole ESAM run trains on these outputs
+
+
+def test_an_esam_draw_of_tensors_the_forward_does_not_use_perturbs_every_tensor(tmp_path):
+    from hf_flat.methods.esam import esam_subset
+
+    initial = TupleNet(unused=True)
+    names = [n for n, _ in initial.named_parameters()]
+    draws = [esam_subset(0, "0", index, len(names), 0.3) for index in range(8)]
+    only_unused = [d for d in draws if any(d) and not any(c for c, n in zip(d, names) if not n.startswith("spare"))]
+    assert only_unused  # (this seed does draw such a subset, so the test exercises it)
+    collator = RecordingCollator()
+    trainer = FlatTrainer(model=copy.deepcopy(initial), args=sgd_args(tmp_path, flat_method="esam", esam_beta=0.3,
+                                                                       num_train_epochs=2),
+                          train_dataset=TinyData(), data_collator=collator)
+    trainer.train()  # RuntimeError "element 0 of tensors does not require grad" before the fix
+    from helpers import reference_flat_family
+
+    class DictOut(torch.nn.Module):  # the reference reads dict outputs
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, labels=None):
+            return TinyNet.forward(self.net, x, labels)
+
+    reference = reference_flat_family(DictOut(initial), group_steps(collator.batches, 1, 8), "esam", beta=0.3,
+                                      unused=("net.spare.weight", "net.spare.bias"))
+    assert_same_weights(trainer.model, reference.net, atol=1e-5)

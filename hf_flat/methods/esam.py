@@ -61,23 +61,30 @@ def esam_subset(seed: int, stream: str, index: int, n: int, beta: float) -> list
     """Which of the `n` trainable parameter tensors (in ``named_parameters()`` order) ESAM
     perturbation number `index` of `stream` perturbs: each with probability `beta`, from a CPU
     generator seeded with `direction_seed(seed, "esam/<stream>", index, 0)`. If none is drawn
-    (probability ``(1 - beta)^n``), ESAM perturbs every tensor with ``rho`` unscaled, as for beta = 1."""
+    (probability ``(1 - beta)^n``), or none that the model's forward uses (`ESAM` learns which from
+    its first pass 1, which computes every tensor's gradient), ESAM perturbs every tensor with
+    ``rho`` unscaled, as for beta = 1."""
     generator = torch.Generator().manual_seed(direction_seed(seed, f"esam/{stream}", index, 0))
     return (torch.rand(n, generator=generator, dtype=torch.float64) < beta).tolist()
 
 
-def per_sample_losses(logits: torch.Tensor, inputs: dict, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def per_sample_losses(
+    logits: torch.Tensor, inputs: dict, causal: bool, smoothing: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sample's cross-entropy (mean over its counted tokens) and how many items it counts, as
-    float32 tensors of shape (batch,)."""
+    float32 tensors of shape (batch,). `smoothing`: the Trainer's ``label_smoothing_factor`` eps,
+    so that each token's loss is the one the Trainer trains on, ``(1 - eps) nll + eps mean_c(-log p_c)``
+    (its `LabelSmoother`)."""
     labels = inputs.get("labels")
     if labels is not None and logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point():
-        losses = F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=-100)
+        losses = F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=-100, label_smoothing=smoothing)
         return losses, (labels != -100).float()
     if labels is not None and logits.dim() == 3 and labels.dim() == 2 and not labels.is_floating_point():
         if causal:
             logits, labels = logits[:, :-1], labels[:, 1:]
         tokens = F.cross_entropy(
-            logits.float().transpose(1, 2), labels[:, : logits.shape[1]], reduction="none", ignore_index=-100
+            logits.float().transpose(1, 2), labels[:, : logits.shape[1]], reduction="none", ignore_index=-100,
+            label_smoothing=smoothing,
         )
         counted = (labels[:, : logits.shape[1]] != -100).float()
         return tokens.sum(1) / counted.sum(1).clamp(min=1), counted.sum(1)
@@ -97,7 +104,9 @@ def sample_losses(trainer, seen, inputs: dict) -> tuple[torch.Tensor, torch.Tens
         counted = mask.float().sum(1)
         return -log_probs.sum(1) / counted.clamp(min=1), counted
     logits = logits_of(seen.outputs, trainer.model, returns_loss_first(seen.kwargs or {}, trainer.label_names))
-    return per_sample_losses(logits.detach(), inputs, is_causal_lm(trainer.model))
+    smoother = getattr(trainer, "label_smoother", None)  # label_smoothing_factor: rank by the smoothed loss trained on
+    smoothing = smoother.epsilon if smoother is not None else 0.0
+    return per_sample_losses(logits.detach(), inputs, is_causal_lm(trainer.model), smoothing)
 
 
 class ESAM(TwoPassMethod):
@@ -110,6 +119,7 @@ class ESAM(TwoPassMethod):
         super().__init__(**schedule_and_scope)
         self.rho, self.beta, self.gamma, self.seed, self.process_index = rho, beta, gamma, seed, process_index
         self.draws = 0  # subsets drawn so far in this run (k)
+        self._used = None  # per trainable tensor: whether the forward uses it (learned at the run's first pass 1)
         self._scale_beta = beta  # beta of the current draw (1 for an empty draw)
 
     def perturbation(self, names, params, grads):
@@ -124,12 +134,13 @@ class ESAM(TwoPassMethod):
         selected samples. Returns ``(L(w), L(w + e))`` (scaled like the Trainer's loss) and the copy of w."""
         chosen = esam_subset(self.seed, str(self.process_index), self.draws, len(params), self.beta)
         self.draws += 1
+        learning = self._used is None  # this run's first pass 1 computes every tensor's gradient, to learn which are used
+        if not learning:
+            chosen = [c and used for c, used in zip(chosen, self._used)]
         accumulated = [p.grad for p in params]
         for p in params:
             p.grad = None
-        # an empty draw (probability (1 - beta)^n) takes every tensor, unscaled, as beta = 1 would
-        self._scale_beta = self.beta if any(chosen) else 1.0
-        left_out = [p for p, c in zip(params, chosen) if not c] if any(chosen) else []
+        left_out = [p for p, c in zip(params, chosen) if not c] if any(chosen) and not learning else []
         for p in left_out:
             p.requires_grad_(False)
         try:
@@ -138,6 +149,15 @@ class ESAM(TwoPassMethod):
         finally:
             for p in left_out:
                 p.requires_grad_(True)
+        if learning:
+            self._used = [p.grad is not None for p in params]
+            chosen = [c and used for c, used in zip(chosen, self._used)]
+            for p, c in zip(params, chosen):
+                if any(chosen) and not c:
+                    p.grad = None  # as if it had not required grad
+        # an empty draw (probability (1 - beta)^n), or one of tensors the forward does not use, takes
+        # every tensor, unscaled, as beta = 1 would
+        self._scale_beta = self.beta if any(chosen) else 1.0
         before, counted = sample_losses(trainer, seen, inputs)
         del seen
 
