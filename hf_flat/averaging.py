@@ -159,9 +159,9 @@ class WeightAveraging(TrainerCallback):
 
     # ---- schedule ------------------------------------------------------------------------
     def _name(self, argument: str) -> str:
-        """How the user set `argument` (``start``, ``freq``): a training argument of a flat trainer
-        (``average_start``, ``average_freq``) or this callback's own."""
-        return {"start": "average_start", "freq": "average_freq"}[argument] if self.managed else argument
+        """How the user set `argument` (``start``, ``freq``, ``cycle``): a training argument of a flat
+        trainer (``average_start``, ``average_freq``, ``swa_cycle_steps``) or this callback's own."""
+        return {"start": "average_start", "freq": "average_freq", "cycle": "swa_cycle_steps"}[argument] if self.managed else argument
 
     def _what(self, args) -> str:
         return f"flat_method={args.flat_method!r}" if self.managed else f"WeightAveraging({self.method!r})"
@@ -266,21 +266,28 @@ class WeightAveraging(TrainerCallback):
 
     def no_snapshot_message(self, what, steps, ended) -> str:
         """`what`: ``flat_method='swa'`` or ``WeightAveraging('swa')``."""
-        start, freq = self._name("start"), self._name("freq")
+        start, freq, cycle = self._name("start"), self._name("freq"), self._name("cycle")
         when = f"training ended at step {steps}" if ended else f"training runs {steps} optimizer steps"
-        rule = (
-            f"{freq}={self.freq} takes snapshots at multiples of {self.freq} only, and none lies between "
-            if self.method == "swa" and self.freq > 0
-            else "averaging starts at "
-        )
         outcome = (
             "so no averaged weights were taken and the model keeps its last weights"
             if ended
             else "so no averaged weights will be taken and the model will keep its last weights"
         )
+        if self.cycle and self.method != "ema":  # SWA's cyclical schedule: a snapshot at the end of each cycle
+            return (
+                f"{what}: with {cycle}={self.cycle} the first snapshot is taken at the end of the first cycle, step "
+                f"{self.start_step + self.cycle - 1} (averaging starts at step {self.start_step}, {start}={self.start}), "
+                f"and {when}, {outcome}. Lower {start} or {cycle}, or train longer."
+            )
+        every = self.method in ("swa", "lawa") and self.freq > 0
+        rule = (
+            f"{freq}={self.freq} takes snapshots at multiples of {self.freq} only, and none lies between "
+            if every
+            else "averaging starts at "
+        )
         return (
             f"{what}: {rule}step {self.start_step} ({start}={self.start}) and {when}, "
-            f"{outcome}. Lower {start}{f' or {freq}' if self.freq else ''}, or train longer."
+            f"{outcome}. Lower {start}{f' or {freq}' if every else ''}, or train longer."
         )
 
     def _check_restored_average(self):

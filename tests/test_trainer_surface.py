@@ -214,6 +214,24 @@ def test_no_snapshot_warning_says_what_happened(tmp_path, caplog):
     assert trainer.averaging.count == 0
 
 
+@pytest.mark.parametrize("method, extra, expected, unexpected", [
+    # SWA's cyclical schedule: the first snapshot closes the first cycle, after the end; average_freq is not the way out
+    ("swa", dict(average_start=0.5, swa_lr=0.05, swa_cycle_steps=8),
+     "with swa_cycle_steps=8 the first snapshot is taken at the end of the first cycle, step 12 (averaging starts at "
+     "step 5, average_start=0.5)", "average_freq"),
+    ("lawa", dict(average_start=0.5, swa_lr=0.05, swa_cycle_steps=8), "Lower average_start or swa_cycle_steps", "average_freq"),
+    ("lawa", dict(average_start=0.75, average_freq=6), "average_freq=6 takes snapshots at multiples of 6", None),
+])
+def test_no_snapshot_warning_names_the_rule_that_left_no_snapshot(tmp_path, caplog, method, extra, expected, unexpected):
+    args = sgd_args(tmp_path, flat_method=method, max_steps=10, num_train_epochs=3, **extra)
+    trainer = FlatTrainer(model=TinyNet(), args=args, train_dataset=TinyData())
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    messages = [r.getMessage() for r in caplog.records if "no averaged weights" in r.getMessage()]
+    assert len(messages) == 2 and all(expected in m for m in messages), messages
+    assert unexpected is None or not any(unexpected in m for m in messages)
+
+
 def checkpoint_of(tmp_path, flat_method, **extra):
     folder = tmp_path / flat_method.replace("+", "_")
     args = sgd_args(folder, flat_method=flat_method, save_strategy="steps", save_steps=2, max_steps=2, **extra)
