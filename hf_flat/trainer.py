@@ -25,6 +25,9 @@ tests that fail if their behaviour changes:
   crash-safety tests in tests/test_trainer_surface.py, test_averaging.py, test_crash_safety.py.
 - `_hp_search_setup` (the point where a trial's values are on `args`): the optuna test in
   tests/test_trainer_surface.py.
+- `_inner_training_loop` (an ``auto_find_batch_size`` retry starts new flat state) and
+  `_load_from_checkpoint` (repaired for checkpoints that name weights differently, ViT's):
+  tests/test_retries_and_edges.py.
 - the rule behind `loss_is_scaled_for_ga` (copied in `_loss_is_scaled_for_ga`, read with a fallback
   where the attribute is missing): tests/test_private_members.py.
 - `_remove_unused_columns`, `_get_collator_with_removed_columns`, `_train_batch_size` (after
@@ -640,6 +643,26 @@ class FlatTrainerMixin(metaclass=FlatFirst):
                     f"saf_past_epochs={saf_rows.shape[0]}."
                 )
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """The Trainer's loading of a checkpoint's weights, repaired where transformers' own is wrong.
+
+        transformers 5.2x's `Trainer._load_from_checkpoint` loads ``model.safetensors`` as a raw state
+        dict with ``strict=False``, but `save_pretrained` writes some models' weights under their
+        older names (ViT: ``vit.encoder.layer.0.attention.attention.query.weight`` for
+        ``vit.layers.0.attention.q_proj.weight``): a resumed ViT keeps its initial encoder, with only
+        a warning, under the plain `Trainer` too. When the checkpoint holds names the model does not
+        have, the weights are loaded through `from_pretrained`, which renames them. (A private member
+        of `Trainer`; tests/test_retries_and_edges.py resumes a ViT and fails if this stops running.)"""
+        model = self.model if model is None else model
+        saved = saved_weight_names(resume_from_checkpoint)
+        if (
+            saved is None or saved <= set(model.state_dict()) or not hasattr(type(model), "from_pretrained")
+            or self.is_fsdp_enabled or self.is_deepspeed_enabled
+        ):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info(f"{resume_from_checkpoint} names the weights differently from the model: loading them with from_pretrained.")
+        model.load_state_dict(type(model).from_pretrained(resume_from_checkpoint).state_dict())
+
     def _check_resumed_schedule(self, checkpoint):
         """SWA's schedule (``swa_lr``) and the Trainer's own keep different state in the checkpoint's
         ``scheduler.pt``: refuse a resume that switches ``swa_lr`` on or off."""
@@ -743,6 +766,20 @@ def flat_trainer_class(base: type) -> type:
         doc = f"`{base.__module__}.{base.__qualname__}` with the flat-minima methods (`hf_flat.flat_trainer_class`)."
         _FLAT_TRAINERS[base] = FlatFirst(f"Flat{base.__name__}", (FlatTrainerMixin, base), {"__module__": __name__, "__doc__": doc})
     return _FLAT_TRAINERS[base]
+
+
+def saved_weight_names(folder: str) -> set[str] | None:
+    """The names of the weights in `folder`'s ``model.safetensors`` (or its sharded index), or None."""
+    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return set(f.keys())
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    return None
 
 
 def checkpoint_is_complete(folder: str) -> bool:
