@@ -9,7 +9,10 @@
     hf-flat compare --script examples/vit/run_vit.py --methods none sam ... (see `hf-flat compare -h`)
 
 MODEL is a `save_pretrained` folder or a Trainer checkpoint (with `--weights averaged`, the SWA /
-EMA / WASAM average a checkpoint holds). --data is `digits` (built in), a local CSV / JSON file
+EMA / LAWA / WASAM average a checkpoint holds; LAWA's: the mean of its window), or the output folder
+or a checkpoint of a PEFT (LoRA) run: the adapter is loaded over the base model its
+adapter_config.json names (a local folder, or a Hub model already in the cache: nothing is
+downloaded) and merged into it. --data is `digits` (built in), a local CSV / JSON file
 (used as both the train and the test set) or folder (train.csv, test.csv), an image folder, or a
 `datasets` name; text and images are processed with the model folder's own tokenizer / image
 processor. Every number goes to `<output_dir>/results.json`, the plots to PNG files beside it;
@@ -39,62 +42,143 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def model_folder(path):
-    """Refuse, in one line, a MODEL that is no saved model folder."""
+    """Refuse, in one line, a MODEL that is no saved model folder (a save_pretrained folder, a Trainer
+    checkpoint, or a PEFT adapter folder, whose adapter_config.json names its base model)."""
+    from .data import ADAPTER_CONFIG, adapter_base
+
     if not os.path.isdir(path):
         raise UsageError(f"{path}: no such model folder; pass a folder written by save_pretrained or a Trainer "
                          "checkpoint (OUTPUT_DIR/checkpoint-N).")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        adapter_base(path)  # (a base that cannot be loaded is refused here, before any work)
+    elif not os.path.isfile(os.path.join(path, "config.json")):
         checkpoints = sorted((n for n in os.listdir(path) if n.startswith("checkpoint-")),
                              key=lambda n: int(n.split("-")[-1]) if n.split("-")[-1].isdigit() else -1)
         hint = f"; its checkpoints: {', '.join(checkpoints)}" if checkpoints else ""
-        raise UsageError(f"{path} has no config.json, so it holds no saved model: pass a save_pretrained folder or a "
-                         f"checkpoint-N folder{hint}.")
+        raise UsageError(f"{path} has no config.json (nor {ADAPTER_CONFIG} of a PEFT adapter), so it holds no saved "
+                         f"model: pass a save_pretrained folder or a checkpoint-N folder{hint}.")
     return path
 
 
-def load_model(path, device):
+def _load_transformers_model(path):
+    """The transformers model saved in `path` (a folder, or a Hub name in the cache), of the
+    architecture its config.json names."""
     from transformers import AutoConfig
     import transformers
 
-    config = AutoConfig.from_pretrained(model_folder(path))
+    from .data import from_pretrained_kwargs
+
+    offline = from_pretrained_kwargs(path)
+    config = AutoConfig.from_pretrained(path, **offline)
     architecture = (config.architectures or [None])[0]
     if architecture is None or not hasattr(transformers, architecture):
         raise UsageError(f"{path}: config.json names no transformers architecture ({config.architectures!r}).")
-    return getattr(transformers, architecture).from_pretrained(path).to(device).eval()
+    return getattr(transformers, architecture).from_pretrained(path, **offline)
+
+
+def load_weights(path, device, weights="live"):
+    """(model, description): the model saved in `path` with its live weights, or with the average its
+    checkpoint keeps (`weights="averaged"`, `load_average`), in eval mode on `device`.
+
+    A PEFT adapter folder (a LoRA run's output folder or checkpoint) is loaded over its base model
+    (`adapter_base`: a local folder, or a Hub model in the cache) with `peft.PeftModel.from_pretrained`,
+    its average (which holds the adapter's trainable weights, by their PEFT names) copied in, and
+    merged into the base (`merge_and_unload`): the commands then see a plain transformers model whose
+    every weight is analysed, as for a model saved whole."""
+    from .data import adapter_base
+
+    base = adapter_base(model_folder(path))
+    if base is None:
+        model = _load_transformers_model(path)
+        described = load_average(model, path) if weights == "averaged" else "live (as saved)"
+        return model.to(device).eval(), described
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_load_transformers_model(base), path)
+    described = load_average(model, path) if weights == "averaged" else "live (as saved)"
+    try:
+        merged = model.merge_and_unload()
+    except (AttributeError, ValueError, TypeError) as error:
+        raise UsageError(f"{path}: its {model.peft_config[model.active_adapter].peft_type} adapter cannot be merged "
+                         f"into its base model ({error}); the commands analyse the merged weights, so they take "
+                         "adapters that merge (LoRA and its variants).") from None
+    merged.requires_grad_(True)  # as a model saved whole: every weight is analysed
+    return merged.to(device).eval(), f"{described}; a PEFT adapter merged into its base model {base}"
+
+
+def load_model(path, device):
+    """The model saved in `path` with its live weights (a PEFT adapter: merged into its base model)."""
+    return load_weights(path, device)[0]
 
 
 def flat_state_file(path) -> str:
-    """The checkpoint's hf_flat_state.safetensors, which --weights averaged reads."""
+    """The checkpoint's hf_flat_state.safetensors (or, from `WeightAveraging` used as a callback on its
+    own, hf_flat_averaging.safetensors), which --weights averaged reads."""
+    from .averaging import AVERAGING_STATE_NAME
     from .trainer import FLAT_STATE_NAME
 
-    file = os.path.join(path, FLAT_STATE_NAME)
-    if not os.path.isfile(file):
-        raise UsageError(f"{path} has no {FLAT_STATE_NAME}: --weights averaged needs a Trainer checkpoint of an "
-                         "averaging run (swa, ema, wasam, ...); the final model such a run saves already holds the "
-                         "average, so use --weights live for it.")
-    return file
+    for name in (FLAT_STATE_NAME, AVERAGING_STATE_NAME):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            return file
+    raise UsageError(f"{path} has no {FLAT_STATE_NAME} (nor {AVERAGING_STATE_NAME}): --weights averaged needs a "
+                     "Trainer checkpoint of an averaging run (swa, ema, lawa, wasam, ...); the final model such a run "
+                     "saves already holds the average, so use --weights live for it.")
 
 
 def load_average(model, path) -> str:
-    """Copy the averaged weights (SWA / EMA / WASAM) that the checkpoint `path` holds in
-    hf_flat_state.safetensors (`averaging.<parameter name>`) into `model`; return a description."""
-    from .state_file import load_flat_state
+    """Copy the averaged weights that the checkpoint `path` keeps in its flat state file into `model`;
+    return a description. The file is read as the trainer reads it on resume
+    (`WeightAveraging.load_state_dict`, one file or an FSDP run's shard files), and the value put
+    into each parameter is `WeightAveraging.value`: the SWA mean or the EMA, and for LAWA the mean of
+    the window of the latest snapshots (``averaging.<slot>.<name>``), exactly what the trainer puts
+    into the model at the end of training."""
+    from .args import AVERAGING_METHODS
+    from .averaging import WeightAveraging
+    from .state_file import load_flat_state, shape_in_state
 
     file = flat_state_file(path)
     tensors, meta = load_flat_state(file)
-    average = {k[len("averaging."):]: v for k, v in tensors.items() if k.startswith("averaging.")}
-    if not average:
+    method = meta.get("averaging")
+    keys = [k for k in tensors if k.startswith("averaging.")]
+    if method is None or not keys:
         raise UsageError(f"{file} holds no averaged weights (flat_method={meta.get('flat_method')!r}: no averaging, "
                          "or no snapshot taken yet); use --weights live.")
+    if method not in AVERAGING_METHODS:
+        raise UsageError(f"{file} holds averaging={method!r}, which this hf-flat does not know (it reads "
+                         f"{', '.join(AVERAGING_METHODS)}): use the hf-flat version that wrote it, or --weights live.")
+    slots = int(meta["averaging_window"]) if "averaging_window" in meta else None
+    if "averaging_names" in meta:
+        names = json.loads(meta["averaging_names"])
+    else:  # a file written without the list: the names from the keys
+        names = sorted({k.split(".", 2)[-1] if slots is not None else k[len("averaging."):] for k in keys})
+    if slots == 0 or not names:
+        raise UsageError(f"{file} holds no averaged weights yet (no snapshot taken); use --weights live.")
     params = dict(model.named_parameters())
-    unknown = sorted(set(average) - set(params))
+    unknown = [n for n in names if n not in params]
     if unknown:
-        raise UsageError(f"{file}: the average holds parameter {unknown[0]}, which the model in {path} lacks.")
+        raise UsageError(f"{file}: the average holds parameter {unknown[0]}, which the model in {path} lacks "
+                         f"({len(unknown)} such); --weights averaged needs the checkpoint of the model that was trained.")
+    for name in names:
+        key = f"averaging.{name}" if slots is None else f"averaging.0.{name}"
+        if key not in tensors:
+            raise UsageError(f"{file} lists {name} among the averaged weights but holds no {key}: the file is "
+                             "incomplete; use another checkpoint.")
+        if tuple(shape_in_state(tensors, key)) != tuple(params[name].shape):
+            raise UsageError(f"{file}: the averaged {name} has shape {tuple(shape_in_state(tensors, key))} but the "
+                             f"model in {path} has {tuple(params[name].shape)}.")
+    averaging = WeightAveraging(method, k=max(1, slots or 1), on_cpu=True)
+    averaging.params = params
+    averaging.load_state_dict(tensors, {**meta, "averaging_names": json.dumps(names),
+                                        "averaging_count": meta.get("averaging_count", "0")})
+    averaging._check_restored_average()  # (what the trainer does with a restored average when training begins)
     with torch.no_grad():
-        for name, value in average.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    return (f"averaged ({meta.get('averaging', meta.get('flat_method'))}, {meta.get('averaging_count', '?')} "
-            f"snapshots/updates, from {file})")
+        for name in averaging.names():
+            params[name].copy_(averaging.value(name).to(params[name].device, params[name].dtype))
+    count = meta.get("averaging_count", "?")
+    if slots is not None:
+        return f"averaged (lawa, the mean of its window of the latest {slots} of {count} snapshots, from {file})"
+    return f"averaged ({method}, {count} snapshots/updates, from {file})"
 
 
 def model_name(path, weights="live") -> str:
@@ -130,7 +214,7 @@ def data_arguments(parser, data_required=True, data_help=DATA_HELP, output_help=
 
 def weights_argument(parser, two_models=False):
     """--weights: the live weights or the average a checkpoint keeps (one value per model, or one for both)."""
-    help = ("'live': the weights as saved; 'averaged': the SWA / EMA / WASAM average in a checkpoint's "
+    help = ("'live': the weights as saved; 'averaged': the SWA / EMA / LAWA / WASAM average in a checkpoint's "
             "hf_flat_state.safetensors" + ("; one value for both models, or one for A and one for B" if two_models else ""))
     parser.add_argument("--weights", choices=("live", "averaged"), default="live", nargs="+" if two_models else None,
                         help=help)
@@ -214,7 +298,7 @@ def build_parser():
     p.add_argument("--points", type=int, default=11, help="evenly spaced t in [0, 1] on each straight line")
     sharpness_arguments(p)
     p.add_argument("--weights", choices=("live", "averaged"), default="live", nargs="+",
-                   help="'live' or 'averaged' (the SWA / EMA / WASAM average in a checkpoint); one value for all "
+                   help="'live' or 'averaged' (the SWA / EMA / LAWA / WASAM average in a checkpoint); one value for all "
                         "models, or one per model")
     data_arguments(p)
 
@@ -233,7 +317,7 @@ def build_parser():
                    help="with --greedy: the score that ranks the models and decides the additions, on the "
                         "--eval_split: accuracy (higher is better) or loss (lower is better); default: accuracy")
     p.add_argument("--weights", choices=("live", "averaged"), default="live", nargs="+",
-                   help="'live': the weights as saved; 'averaged': the SWA / EMA / WASAM average in a checkpoint's "
+                   help="'live': the weights as saved; 'averaged': the SWA / EMA / LAWA / WASAM average in a checkpoint's "
                         "hf_flat_state.safetensors; one value for all models, or one per model")
     data_arguments(p, data_required=False,
                    data_help=DATA_HELP + ". Optional for a uniform soup of models without BatchNorm; the models and "
@@ -341,18 +425,26 @@ def named_scores(result) -> dict:
 def save_processors(source, output_dir) -> list[str]:
     """Save `source`'s tokenizer (when it has tokenizer files) and copy its preprocessor_config.json
     (image processor / feature extractor) into `output_dir`, where `prepare` and users look for them;
-    return what was saved."""
+    return what was saved. For a PEFT adapter folder without them: its base model's."""
     import shutil
 
+    from .data import adapter_base, from_pretrained_kwargs, processor_files
+
     saved = []
-    if any(os.path.isfile(os.path.join(source, n)) for n in ("tokenizer_config.json", "tokenizer.json")):
+    try:
+        tokenizer = processor_files(source, "tokenizer")
+    except UsageError:  # no tokenizer (an image model)
+        tokenizer = None
+    if tokenizer is not None:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(source).save_pretrained(output_dir)
+        AutoTokenizer.from_pretrained(tokenizer, **from_pretrained_kwargs(tokenizer)).save_pretrained(output_dir)
         saved.append("tokenizer")
+    folders = [source] + [base for base in [adapter_base(source)] if base is not None and os.path.isdir(base)]
     for name in ("preprocessor_config.json", "processor_config.json"):
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(output_dir, name))
+        found = next((os.path.join(f, name) for f in folders if os.path.isfile(os.path.join(f, name))), None)
+        if found is not None:
+            shutil.copyfile(found, os.path.join(output_dir, name))
             saved.append(name)
     return saved
 
@@ -389,14 +481,13 @@ def run_soup(args) -> dict:
     train_batches = data["train"][1] if data else None
     notes = data["notes"] if data else []
 
-    work = load_model(paths[0], args.device)  # the soup is made in (and saved from) the first model
+    work, first = load_weights(paths[0], args.device, weights[0])  # the soup is made in (and saved from) the first model
     if has_batchnorm(work) and data is None:
         raise UsageError(f"{paths[0]} has BatchNorm layers, whose running statistics are recomputed for the soup's "
                          "weights: pass --data (its --train_split is used).")
     states, described = [], {}
     for i, (path, which) in enumerate(zip(paths, weights)):
-        model = work if i == 0 else load_model(path, args.device)
-        described[path] = load_average(model, path) if which == "averaged" else "live (as saved)"
+        model, described[path] = (work, first) if i == 0 else load_weights(path, args.device, which)
         if which == "averaged" and has_batchnorm(model) and train_batches is not None:
             recompute_batchnorm(model, train_batches)  # (no data: refused above, or a mismatch refused below)
         states.append({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
@@ -619,8 +710,7 @@ def run(argv=None) -> dict:
     models, names = [], []
     results = {"command": args.command, "arguments": vars(args), "max_length": data["max_length"], "weights": {}}
     for path, which in zip(paths, weights):
-        model = load_model(path, args.device)
-        results["weights"][path] = load_average(model, path) if which == "averaged" else "live (as saved)"
+        model, results["weights"][path] = load_weights(path, args.device, which)
         if which == "averaged" and has_batchnorm(model):
             recompute_batchnorm(model, train_batches)
         models.append(model)

@@ -7,6 +7,7 @@ image processor. Mistakes in what the user passed raise `UsageError` with a one-
 """
 
 import difflib
+import json
 import os
 
 import numpy as np
@@ -127,6 +128,85 @@ def _split_files(path):
     return found
 
 
+#: The file that makes a folder a PEFT adapter (LoRA, ...): its weights are loaded over a base model.
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_folder(model_dir) -> bool:
+    """A PEFT adapter folder: adapter_config.json and no config.json of a whole model."""
+    return (os.path.isfile(os.path.join(model_dir, ADAPTER_CONFIG))
+            and not os.path.isfile(os.path.join(model_dir, "config.json")))
+
+
+def _cached(source, name) -> bool:
+    """Whether the Hugging Face cache holds file `name` of the Hub model `source` (loadable offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(source, name), str)
+    except Exception:  # not a valid repository name, no cache
+        return False
+
+
+def _looks_like_path(name) -> bool:
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def adapter_base(model_dir) -> str | None:
+    """The base model of a PEFT adapter folder (its adapter_config.json's ``base_model_name_or_path``):
+    a local model folder, or a Hub name already in the Hugging Face cache (loaded offline). None for
+    a folder that is not an adapter. A base that cannot be loaded offline is a `UsageError` that
+    says how to point the adapter at a local copy."""
+    if not is_adapter_folder(model_dir):
+        return None
+    config_path = os.path.join(model_dir, ADAPTER_CONFIG)
+    try:
+        with open(config_path) as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{config_path} cannot be read ({error}): the adapter's base model is unknown.") from None
+    fix = (f"set base_model_name_or_path in {config_path} to the folder of the base model (a save_pretrained "
+           "folder with its config.json)")
+    if not base:
+        raise UsageError(f"{model_dir} is a PEFT adapter whose {ADAPTER_CONFIG} names no base model "
+                         f"(base_model_name_or_path is {base!r}): {fix}.")
+    if os.path.isdir(base):
+        if not os.path.isfile(os.path.join(base, "config.json")):
+            raise UsageError(f"{model_dir} is a PEFT adapter over {base} (base_model_name_or_path in its "
+                             f"{ADAPTER_CONFIG}), which has no config.json, so it holds no saved model: {fix}.")
+        return base
+    if not _looks_like_path(base) and _cached(base, "config.json"):
+        return base
+    where = ("is not a local folder" if _looks_like_path(base)
+             else "is not a local folder, and the Hugging Face cache does not hold it")
+    download = "" if _looks_like_path(base) else f", or put it in the cache first (`hf download {base}`)"
+    raise UsageError(f"{model_dir} is a PEFT adapter whose base model, {base!r} (base_model_name_or_path in its "
+                     f"{ADAPTER_CONFIG}), {where}; hf-flat loads the adapter over its base model offline: {fix}"
+                     f"{download}.")
+
+
+def from_pretrained_kwargs(source) -> dict:
+    """A model or processor `source` that is no local folder comes from the Hugging Face cache, offline."""
+    return {} if os.path.isdir(source) else {"local_files_only": True}
+
+
+def config_source(model_dir) -> str:
+    """Where a model folder's config.json is: the folder, or for a PEFT adapter its base model."""
+    return adapter_base(model_dir) or model_dir
+
+
+def model_config(model_dir):
+    """The model config of a model folder, or of an adapter folder's base model."""
+    from transformers import AutoConfig
+
+    source = config_source(model_dir)
+    return AutoConfig.from_pretrained(source, **from_pretrained_kwargs(source))
+
+
+def _holds(source, name) -> bool:
+    return os.path.isfile(os.path.join(source, name)) if os.path.isdir(source) else _cached(source, name)
+
+
 def sequence_limit(tokenizer, config) -> tuple[int | None, str]:
     """The longest sequence the model takes: the smaller of the tokenizer's `model_max_length` and
     the config's `max_position_embeddings` (less `pad_token_id + 1` for RoBERTa-style positions),
@@ -149,10 +229,11 @@ def sequence_limit(tokenizer, config) -> tuple[int | None, str]:
 def max_length_for(model_dir, requested: int | None = None) -> tuple[int, str | None]:
     """The sequence length to tokenize with: `requested`, or by default the model's limit
     (`sequence_limit`), capped by that limit; and a note when the request was capped."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    processor_files(model_dir, "tokenizer")
-    limit, source = sequence_limit(AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir))
+    tokenizer_source = processor_files(model_dir, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **from_pretrained_kwargs(tokenizer_source))
+    limit, source = sequence_limit(tokenizer, model_config(model_dir))
     if requested is not None and requested < 1:
         raise UsageError(f"--max_length {requested}: give a positive number of tokens.")
     if limit is None:
@@ -162,15 +243,20 @@ def max_length_for(model_dir, requested: int | None = None) -> tuple[int, str | 
     return requested or limit, None
 
 
-def processor_files(model_dir, kind="tokenizer"):
-    """Refuse a model folder without the tokenizer / image processor files its data needs
-    (transformers would build an empty tokenizer and give numbers for nothing)."""
+def processor_files(model_dir, kind="tokenizer") -> str:
+    """Where the tokenizer / image processor of a model folder is: the folder itself or, for a PEFT
+    adapter folder without one, its base model. Refuse a model folder without the files its data
+    needs (transformers would build an empty tokenizer and give numbers for nothing)."""
     names = ("tokenizer_config.json", "tokenizer.json") if kind == "tokenizer" else ("preprocessor_config.json",)
-    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in names):
-        saver = "tokenizer" if kind == "tokenizer" else "image_processor"
-        raise UsageError(f"{model_dir} holds no {kind.replace('_', ' ')} ({names[0]}), which this data needs: save it there "
-                         f"with {saver}.save_pretrained({model_dir!r}) (give the Trainer processing_class=... and its "
-                         "checkpoints hold it).")
+    sources = [model_dir] + ([adapter_base(model_dir)] if is_adapter_folder(model_dir) else [])
+    for source in sources:
+        if any(_holds(source, name) for name in names):
+            return source
+    saver = "tokenizer" if kind == "tokenizer" else "image_processor"
+    where = f"{model_dir} (nor its base model {sources[1]})" if len(sources) > 1 else model_dir
+    raise UsageError(f"{where} holds no {kind.replace('_', ' ')} ({names[0]}), which this data needs: save it there "
+                     f"with {saver}.save_pretrained({model_dir!r}) (give the Trainer processing_class=... and its "
+                     "checkpoints hold it).")
 
 
 def _column(name, option, columns):
@@ -238,17 +324,15 @@ def preprocess(dataset, model_dir, text_column=None, text_pair_column=None, labe
     `max_length`, default the model's limit, and padded to the longest example), processed images
     (its image processor), or arrays already called `pixel_values` / `input_ids`; labels as
     `labels` (see `encode_labels`)."""
-    from transformers import AutoConfig
-
-    dataset = encode_labels(dataset, AutoConfig.from_pretrained(model_dir), label_column)
+    dataset = encode_labels(dataset, model_config(model_dir), label_column)
     columns = dataset.column_names
     if "pixel_values" in columns or "input_ids" in columns:
         return dataset.with_format("torch")
     if "image" in columns:
         from transformers import AutoImageProcessor
 
-        processor_files(model_dir, "image_processor")
-        processor = AutoImageProcessor.from_pretrained(model_dir)
+        source = processor_files(model_dir, "image_processor")
+        processor = AutoImageProcessor.from_pretrained(source, **from_pretrained_kwargs(source))
         mode = "RGB" if len(getattr(processor, "image_mean", None) or [0, 0, 0]) == 3 else "L"
 
         def images(batch):
@@ -258,8 +342,8 @@ def preprocess(dataset, model_dir, text_column=None, text_pair_column=None, labe
         return dataset.with_format("torch")
     from transformers import AutoTokenizer
 
-    processor_files(model_dir, "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    source = processor_files(model_dir, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(source, **from_pretrained_kwargs(source))
     max_length = max_length or max_length_for(model_dir)[0]
     if text_column is None:
         text_column = next((c for c in columns if c != "labels" and isinstance(dataset[0][c], str)), None)

@@ -80,7 +80,7 @@ def _row(value):
 
 
 def run_report(args) -> dict:
-    from .cli import check_counts, finish, has_batchnorm, load_average, load_model, model_name, prepare
+    from .cli import check_counts, finish, has_batchnorm, load_weights, model_name, prepare
     from .cli import sharpness_measures, weights_per_model
 
     paths = args.models
@@ -102,8 +102,7 @@ def run_report(args) -> dict:
     eval_sets = {"train": data["train"][1], "test": data["eval"][1]}
     models, names, results = [], [], {"command": "report", "arguments": vars(args), "models": [], "pairs": []}
     for path, which in zip(paths, weights):
-        model = load_model(path, args.device)
-        described = load_average(model, path) if which == "averaged" else "live (as saved)"
+        model, described = load_weights(path, args.device, which)
         bn = eval_sets["train"] if has_batchnorm(model) else None
         # the model's own evaluation; with BatchNorm, its statistics recomputed on the training data,
         # as at every other point of a path, so that the evaluation is also the path's end

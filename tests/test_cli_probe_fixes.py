@@ -66,3 +66,196 @@ def test_report_matches_curves_by_path_and_weights_and_labels_both_sides(tmp_pat
     name = os.path.join("run", "checkpoint-4")
     assert f"| {name} (averaged weights) | {name} |" in table
     assert f"| {name} (averaged weights) | b |" in table and f"| {name} | b |" in table
+
+
+# ---- item 10: --weights averaged for every averaging kind, both state layouts ---------------------
+
+def train_vit(folder, method, steps=6, **extra):
+    """A tiny ViT trained on 32 digits for `steps` SGD steps with `method`, checkpointed at the last
+    step (whose hf_flat_state holds the average as it was before training ended)."""
+    from hf_flat import FlatTrainer, TrainingArguments
+
+    model = tiny_vit(os.path.join(folder, "init"), 0)
+    train = preprocess(load_splits("digits")["train"].select(range(32)), os.path.join(folder, "init"))
+    args = TrainingArguments(output_dir=os.path.join(folder, "run"), flat_method=method, optim="sgd", learning_rate=0.5,
+                             per_device_train_batch_size=8, max_steps=steps, save_strategy="steps", save_steps=steps,
+                             report_to="none", use_cpu=True, disable_tqdm=True, seed=0, lr_scheduler_type="constant",
+                             **extra)
+    trainer = FlatTrainer(model=model, args=args, train_dataset=train)
+    trainer.train()
+    return trainer, os.path.join(folder, "run", f"checkpoint-{steps}")
+
+
+def rewrite_sharded(checkpoint, processes=2):
+    """Write the checkpoint's flat state again as `processes` FSDP2 processes would (a main file and
+    shard files holding torch.chunk's rows of every tensor), as tests/test_state_file.py does."""
+    from hf_flat.sharding import Rows, ShardedTensor
+    from hf_flat.state_file import load_flat_state, save_flat_state, save_shard_file
+    from hf_flat.trainer import FLAT_STATE_NAME
+
+    path = os.path.join(checkpoint, FLAT_STATE_NAME)
+    state, meta = load_flat_state(path)
+    whole = {k: state[k].clone() for k in state}
+    for index in range(processes):
+        tensors = {}
+        for key, t in whole.items():
+            chunk = -(-t.shape[0] // processes)
+            start, stop = min(index * chunk, t.shape[0]), min((index + 1) * chunk, t.shape[0])
+            tensors[key] = ShardedTensor(t[start:stop], Rows(start, stop, tuple(t.shape)))
+        save_shard_file(path, [(tensors, {})], index, processes)
+    meta = {k: v for k, v in meta.items() if k not in ("hf_flat_state_version", "flat_method")}
+    save_flat_state(path, [({}, meta)], "rewritten", shards=processes)
+    assert load_flat_state(path)[1]["hf_flat_state_version"] == "2"
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("swa", dict(average_start=0.25, average_freq=1)),
+    ("ema", dict(average_start=0.25, ema_decay=0.5)),
+    ("lawa", dict(average_start=0.25, average_freq=1, lawa_k=3)),
+    ("wasam", dict(average_start=0.25, average_freq=2)),
+    ("sam+lawa", dict(average_start=0.0, average_freq=2, lawa_k=2)),
+])
+def test_averaged_weights_of_every_averaging_kind_in_both_layouts(tmp_path, method, extra):
+    from safetensors.torch import load_file
+
+    trainer, checkpoint = train_vit(str(tmp_path), method, **extra)
+    final = {n: p.detach() for n, p in trainer.model.named_parameters()}  # the average the trainer put in the model
+    live = load_model(checkpoint, "cpu")
+    assert any(not torch.equal(p, final[n]) for n, p in live.named_parameters())  # the average is not the live weights
+    stored = load_file(os.path.join(checkpoint, "hf_flat_state.safetensors"))
+    if method.endswith("lawa"):  # the window's mean, by hand from the file's slots
+        k = extra["lawa_k"]
+        assert {key.split(".")[1] for key in stored} == {str(i) for i in range(k)}
+        by_hand = {n: sum(stored[f"averaging.{i}.{n}"] for i in range(k)) / k for n in final}
+    for layout in ("one file", "sharded"):
+        if layout == "sharded":
+            rewrite_sharded(checkpoint)
+        model = load_model(checkpoint, "cpu")
+        described = load_average(model, checkpoint)
+        assert described.startswith(f"averaged ({method.split('+')[-1].replace('wasam', 'swa')}")
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), final[name], rtol=0, atol=1e-6, msg=f"{layout}: {name}")
+            if method.endswith("lawa"):
+                torch.testing.assert_close(p.detach(), by_hand[name], rtol=0, atol=1e-6, msg=f"{layout}: {name}")
+
+
+def test_lawa_averaged_weights_in_the_commands(tmp_path):
+    """`interpolate` and `soup` with --weights averaged on a LAWA checkpoint: the window's mean."""
+    trainer, checkpoint = train_vit(str(tmp_path), "lawa", average_start=0.25, average_freq=1, lawa_k=3)
+    out = run(["interpolate", checkpoint, checkpoint, "--weights", "averaged", "live", "--points", "2", "--alpha_min",
+               "0", "--alpha_max", "1", "--output_dir", str(tmp_path / "i"), *COMMON])
+    test = batches(preprocess(load_splits("digits")["eval"], checkpoint), 32, limit=64)
+    assert out["interpolation"][0]["test"]["loss"] == pytest.approx(evaluate(trainer.model.eval(), test)["loss"], rel=1e-5)
+    assert "lawa" in out["weights"][checkpoint] or "lawa" in json.dumps(out["weights"])
+    run(["soup", checkpoint, checkpoint, "--weights", "averaged", "live", "--output_dir", str(tmp_path / "soup")])
+    soup = ViTForImageClassification.from_pretrained(tmp_path / "soup")
+    live = ViTForImageClassification.from_pretrained(checkpoint)
+    final, live = dict(trainer.model.named_parameters()), dict(live.named_parameters())
+    for name, p in soup.named_parameters():
+        torch.testing.assert_close(p.detach(), (final[name].detach() + live[name].detach()) / 2, rtol=0, atol=1e-6)
+
+
+# ---- item 13: a LoRA (PEFT) run's output folder and checkpoints ----------------------------------
+
+def lora_run(tmp_path):
+    """A LoRA run (SWA) of FlatTrainer over a tiny BERT saved in a local folder: (base folder, the run's
+    output folder, its checkpoint-3, the data file)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    from hf_flat import FlatTrainer, TrainingArguments
+    from test_cli_user_data import LABELS, save_tiny_bert, write_csv
+
+    base, out = str(tmp_path / "base"), str(tmp_path / "lora")
+    save_tiny_bert(base)
+    data = write_csv(tmp_path / "my.csv", LABELS)
+    train = preprocess(load_splits(data)["train"], base, max_length=16)
+    model = get_peft_model(BertForSequenceClassification.from_pretrained(base),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"],
+                                      init_lora_weights=False))
+    args = TrainingArguments(output_dir=out, flat_method="swa", average_start=0.25, average_freq=1, optim="sgd",
+                             learning_rate=0.5, per_device_train_batch_size=4, max_steps=3, save_strategy="steps",
+                             save_steps=3, report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = FlatTrainer(model=model, args=args, train_dataset=train)
+    trainer.train()
+    trainer.save_model()  # the adapter with the averaged weights, as the final model holds them
+    assert not os.path.exists(os.path.join(out, "config.json")) and os.path.exists(os.path.join(out, "adapter_config.json"))
+    return base, out, os.path.join(out, "checkpoint-3"), data
+
+
+def test_commands_load_a_lora_run_over_its_local_base_model(tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import BertForSequenceClassification
+
+    from hf_flat.cli import load_weights
+
+    base, out, checkpoint, data = lora_run(tmp_path)
+    # by hand: the adapter merged into its base, saved whole (with the base's tokenizer)
+    merged = str(tmp_path / "merged")
+    PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base), out).merge_and_unload().save_pretrained(merged)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(base).save_pretrained(merged)
+    common = ["--data", data, "--max_length", "16", "--m", "4", "--n", "1", "--n_average", "1", "--directions", "2",
+              "--hessian_iterations", "2"]
+    keys = (("adversarial", "sharpness"), ("average", "sharpness"), ("asymmetry", "omega"), ("hessian", "eigenvalue"))
+    by_hand = run(["sharpness", merged, "--output_dir", str(tmp_path / "s0"), *common])
+    on_adapter = run(["sharpness", out, "--output_dir", str(tmp_path / "s1"), *common])
+    for key, field in keys:
+        assert on_adapter[key][field] == pytest.approx(by_hand[key][field], rel=1e-5, abs=1e-7), key
+    assert "PEFT adapter merged into its base model" in on_adapter["weights"][out]
+
+    on_checkpoint = run(["sharpness", checkpoint, "--output_dir", str(tmp_path / "s2"), *common])
+    assert on_checkpoint["adversarial"]["sharpness"] is not None
+    # --weights averaged on the checkpoint: the adapter's average (PEFT names) copied in before merging,
+    # which is what the run's final model (the output folder) holds
+    averaged, described = load_weights(checkpoint, "cpu", "averaged")
+    assert described.startswith("averaged (swa, 3 snapshots")
+    final, live = load_weights(out, "cpu")[0].state_dict(), load_weights(checkpoint, "cpu")[0].state_dict()
+    assert any(not torch.equal(v, final[k]) for k, v in live.items())
+    for key, value in averaged.state_dict().items():
+        torch.testing.assert_close(value, final[key], rtol=0, atol=1e-6, msg=key)
+    assert all(p.requires_grad for p in averaged.parameters())  # every weight is analysed, as for a model saved whole
+    on_average = run(["sharpness", checkpoint, "--weights", "averaged", "--output_dir", str(tmp_path / "s3"), *common])
+    for key, field in keys:
+        assert on_average[key][field] == pytest.approx(by_hand[key][field], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("base, message", [
+    ("/no/such/base_model", "is not a local folder;"),
+    ("someone/not-cached-model", "is not a local folder, and the Hugging Face cache does not hold it"),
+])
+def test_an_adapter_whose_base_is_not_loadable_offline_is_refused(tmp_path, capsys, base, message):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
+    status = main(["sharpness", str(folder), "--data", "digits", "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert message in err and repr(base) in err and "base_model_name_or_path" in err
+    assert "set base_model_name_or_path in" in err and "to the folder of the base model" in err
+    assert ("hf download someone/not-cached-model" in err) == ("/" not in base[:1])
+
+
+def test_averaged_weights_written_by_weight_averaging_on_its_own(tmp_path):
+    """A plain Trainer with the `WeightAveraging` callback writes hf_flat_averaging.safetensors (not
+    hf_flat_state): --weights averaged reads it too, LAWA's window included."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_flat import WeightAveraging
+
+    model = tiny_vit(tmp_path / "init", 0)
+    train = preprocess(load_splits("digits")["train"].select(range(32)), str(tmp_path / "init"))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), optim="sgd", learning_rate=0.5, per_device_train_batch_size=8,
+                             max_steps=6, save_strategy="steps", save_steps=6, report_to="none", use_cpu=True,
+                             disable_tqdm=True, seed=0, lr_scheduler_type="constant")
+    trainer = Trainer(model=model, args=args, train_dataset=train,
+                      callbacks=[WeightAveraging("lawa", start=0.25, freq=1, k=3)])
+    trainer.train()
+    checkpoint = str(tmp_path / "run" / "checkpoint-6")
+    assert sorted(n for n in os.listdir(checkpoint) if n.startswith("hf_flat")) == ["hf_flat_averaging.safetensors"]
+    loaded = load_model(checkpoint, "cpu")
+    assert load_average(loaded, checkpoint).startswith("averaged (lawa")
+    final = dict(trainer.model.named_parameters())
+    for name, p in loaded.named_parameters():
+        torch.testing.assert_close(p.detach(), final[name].detach(), rtol=0, atol=1e-6, msg=name)
