@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import SequentialSampler
 from transformers import TrainerCallback
 
-from hf_flat import FlatTrainer
+from hf_flat import FlatTrainer, WeightAveraging
 from helpers import (
     RecordingCollator, TinyData, TinyNet, assert_same_weights, group_steps, reference_where_and_when, sgd_args,
 )
@@ -78,6 +78,7 @@ RETRIED = {
     "ema": dict(flat_method="ema", average_start=0.0, ema_decay=0.5),
     "lawa": dict(flat_method="lawa", average_start=0.0, average_freq=1, lawa_k=2),
     "wasam": dict(flat_method="wasam", average_start=0.0, average_freq=1),
+    "WeightAveraging callback": dict(flat_method="none", averaging_callback=True),
 }
 
 
@@ -89,16 +90,18 @@ def test_a_retry_with_a_smaller_batch_trains_as_a_fresh_run(tmp_path, name, fail
     the failed attempt left (no window, cached schedule, snapshot, draw count, teacher or memory
     of the abandoned attempt)."""
     settings = dict(RETRIED[name], gradient_accumulation_steps=2, num_train_epochs=3)
+    averaging = [WeightAveraging("swa", start=0.0, freq=1)] if settings.pop("averaging_callback", False) else []
     model, at_retry = OutOfMemoryAt(failing_call), WeightsAtRetry()
     retried = InOrder(model=model, args=sgd_args(tmp_path / "a", auto_find_batch_size=True, **settings),
-                      train_dataset=TinyData(), callbacks=[at_retry])
+                      train_dataset=TinyData(), callbacks=[at_retry, *averaging])
     retried.train()
     assert at_retry.attempts == 2 and retried._train_batch_size == 3
 
     fresh_model = TinyNet()
     fresh_model.load_state_dict(at_retry.weights)
+    averaging = [WeightAveraging("swa", start=0.0, freq=1)] if averaging else []
     fresh = InOrder(model=fresh_model, args=sgd_args(tmp_path / "b", per_device_train_batch_size=3, **settings),
-                    train_dataset=TinyData())
+                    train_dataset=TinyData(), callbacks=averaging)
     fresh.train()
     assert retried.state.global_step == fresh.state.global_step == 9
     assert_same_weights(model, fresh_model)
