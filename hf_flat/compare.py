@@ -17,12 +17,14 @@ Before training, compare checks its names: the methods, and every ``--grid`` nam
 flags the script's ``--help`` lists. ``--metric`` is checked on the first run that finishes: a
 name not in its results stops compare with the list of the numeric keys it has.
 
-With ``--grid``, each method's tunable values (``sam_rho``, ``sam_m``, ``sam_interval``, ... for
-SAM / ASAM / average SAM, ``average_start`` for methods with averaging, ``saf_*`` for SAF, other
-flags for every flat method) are chosen first on
-a held-out part of the training data: one run per combination with ``--holdout_fraction`` and the
-first seed; the best combination on the held-out metric is then run with every seed on the real
-evaluation set. A method whose tuning runs all fail is left out of the table and counted as failed.
+With ``--grid``, each method's tunable values are chosen first on a held-out part of the training
+data. A flat-minima argument goes only to the methods whose runs it changes (`applies`: the
+arguments `hf_flat.args.FLAT_SETTINGS` lists for each part of a method, e.g. ``sam_rho`` for the
+two-pass methods, ``average_freq`` for SWA and LAWA, ``swa_lr`` for every averaging method,
+``saf_*`` for SAF), and compare says which methods a global ``--grid`` skips; any other flag
+(``learning_rate``) goes to every method but ``none``. Tuning: one run per combination with
+``--holdout_fraction`` and the first seed; the best combination on the held-out metric is then run
+with every seed on the real evaluation set. A method whose tuning runs all fail is left out of the table and counted as failed.
 
 The table: the baseline (the first method) as mean +- standard error over seeds; every other
 method as its difference to the baseline +- the unpaired standard error of that difference,
@@ -170,22 +172,32 @@ def _parse_grids(texts):
 
 
 def applies(name, method):
-    """Whether the flat-minima argument `name` changes a run of `method`; None for any other argument."""
-    from .args import PERTURBATION_SETTINGS, TWO_PASS_METHODS, parse_flat_method
+    """Whether the flat-minima argument `name` changes a run of `method`: True or False for a flat
+    field of `FlatTrainingArguments`, None for any other argument (learning_rate, ...).
 
-    perturbation, averaging = parse_flat_method(method)
-    if name == "sam_rho" or name in PERTURBATION_SETTINGS:
-        return perturbation in TWO_PASS_METHODS
-    for prefix in ("asam", "gsam", "looksam", "esam", "saf", "mesa"):
-        if name.startswith(prefix + "_"):
-            return perturbation == prefix
-    if name == "ema_decay":
-        return averaging == "ema"
-    if name == "average_freq":
-        return averaging == "swa"
-    if name.startswith("average_"):
-        return averaging is not None
-    return None
+    The arguments each part of a flat_method reads are `hf_flat.args.FLAT_SETTINGS` (what the
+    example scripts record as ``flat_settings``): e.g. ``average_freq`` for SWA and LAWA (their
+    snapshot period), ``lawa_k`` for LAWA, SWA's schedule (``swa_lr``, ...) for every averaging
+    method, ``sam_m`` / ``sam_scope`` / ``sam_interval`` for the two-pass methods that take them (not
+    LookSAM, and ESAM not the first two, which FlatTrainingArguments refuses there); with
+    ``average_on_cpu`` for every averaging method."""
+    import dataclasses
+
+    from .args import AVERAGING_METHODS, FLAT_SETTINGS, FlatArgumentsMixin, parse_flat_method
+
+    flat = {f.name for f in dataclasses.fields(FlatArgumentsMixin)} - {"flat_method"}
+    if name not in flat:
+        return None
+    read = set()
+    for part in parse_flat_method(method):
+        if part is not None:
+            read |= set(FLAT_SETTINGS[part]) | ({"average_on_cpu"} if part in AVERAGING_METHODS else set())
+    return name in read
+
+
+def _changed_by(name, methods) -> list[str]:
+    """The methods among `methods` whose runs the flat argument `name` changes."""
+    return [m for m in methods if applies(name, m)]
 
 
 def tunable(method, grid, method_grid=None):
@@ -260,10 +272,21 @@ def check_command(args, log, runner):
     for method, grid in args.method_grid.items():
         for name in grid:
             if applies(name, method) is False:
-                raise UserError(f"--grid {method}:{name}: {name} does not change a run of {method}")
+                others = _changed_by(name, args.methods)
+                where = (f"give it to those it changes, e.g. --grid {others[0]}:{name}=..." if others else
+                         f"it changes none of --methods {' '.join(args.methods)}")
+                raise UserError(f"--grid {method}:{name}: {name} does not change a run of {method}, so it cannot be "
+                                f"tuned for it; {where} (it applies to: {', '.join(others) or 'none of them'})")
     for name in args.grid:
-        if not any(tunable(method, {name: []}) for method in args.methods):
+        tuned = [method for method in args.methods if tunable(method, {name: []})]
+        if not tuned:
             log(f"warning: --grid {name} applies to none of the methods {' '.join(args.methods)}: it is not tuned")
+        elif len(tuned) < len(args.methods):
+            skipped = [m for m in args.methods if m not in tuned]
+            why = ("whose runs it does not change" if applies(name, skipped[0]) is False
+                   else "which runs with the script's own values")  # ('none', for a flag of every method)
+            log(f"--grid {name}: tuned for {', '.join(tuned)}; not for {', '.join(skipped)}, {why} (give a method "
+                f"its own values with --grid METHOD:{name}=...)")
 
 
 def run_folder(args, name, flags):

@@ -259,3 +259,133 @@ def test_averaged_weights_written_by_weight_averaging_on_its_own(tmp_path):
     final = dict(trainer.model.named_parameters())
     for name, p in loaded.named_parameters():
         torch.testing.assert_close(p.detach(), final[name].detach(), rtol=0, atol=1e-6, msg=name)
+
+
+# ---- item 12: compare --grid keys apply only to the methods they change -------------------------
+
+#: Which flat-minima arguments change a run of each part of a flat_method, written out by hand from
+#: what each method reads (hf_flat/methods/__init__.py, averaging.py, trainer.py) and what
+#: FlatTrainingArguments refuses (looksam: no sam_m / sam_interval / 'micro' scope; esam: no sam_m
+#: / 'step' scope).
+TWO_PASS_WHERE_WHEN = {"sam_m", "sam_scope", "sam_start", "sam_interval"}
+SCHEDULE = {"swa_lr", "swa_anneal_steps", "swa_anneal_strategy", "swa_cycle_steps"}
+READS = {
+    None: set(),
+    "sam": {"sam_rho", *TWO_PASS_WHERE_WHEN},
+    "asam": {"sam_rho", "asam_eta", *TWO_PASS_WHERE_WHEN},
+    "avg_sam": {"sam_rho", *TWO_PASS_WHERE_WHEN},
+    "gsam": {"sam_rho", "gsam_alpha", "gsam_rho_min", *TWO_PASS_WHERE_WHEN},
+    "looksam": {"sam_rho", "looksam_k", "looksam_alpha", "sam_start"},
+    "esam": {"sam_rho", "esam_beta", "esam_gamma", "sam_start", "sam_interval"},
+    "saf": {"saf_lambda", "saf_tau", "saf_start_epoch", "saf_past_epochs"},
+    "mesa": {"mesa_lambda", "mesa_tau", "mesa_decay", "mesa_start_epoch"},
+    "swa": {"average_start", "average_freq", "average_bn_batches", "average_on_cpu", *SCHEDULE},
+    "ema": {"average_start", "ema_decay", "average_bn_batches", "average_on_cpu", *SCHEDULE},
+    "lawa": {"average_start", "average_freq", "lawa_k", "average_bn_batches", "average_on_cpu", *SCHEDULE},
+}
+#: A valid value other than the default for each flat argument (the schedule's need swa_lr).
+OTHER_VALUES = {
+    "sam_rho": [0.1], "asam_eta": [0.02], "sam_m": [2], "sam_scope": ["micro", "step"], "sam_start": [0.5],
+    "sam_interval": [2], "gsam_alpha": [0.2], "gsam_rho_min": [0.01], "looksam_k": [3], "looksam_alpha": [0.5],
+    "esam_beta": [0.5], "esam_gamma": [0.6], "saf_lambda": [0.1], "saf_tau": [2.0], "saf_start_epoch": [1],
+    "saf_past_epochs": [2], "mesa_lambda": [0.1], "mesa_tau": [2.0], "mesa_decay": [0.99], "mesa_start_epoch": [1],
+    "average_start": [0.5], "average_freq": [2], "ema_decay": [0.9], "average_bn_batches": [2], "average_on_cpu": [True],
+    "lawa_k": [3], "swa_lr": [0.01], "swa_anneal_steps": [2], "swa_anneal_strategy": ["linear"], "swa_cycle_steps": [2],
+}
+
+
+def flat_fields():
+    import dataclasses
+
+    from hf_flat.args import FlatArgumentsMixin
+
+    return [f.name for f in dataclasses.fields(FlatArgumentsMixin) if f.name != "flat_method"]
+
+
+def test_the_applies_table_is_right_for_every_method_and_flat_argument():
+    from hf_flat.args import accepted_flat_methods, parse_flat_method
+    from hf_flat.compare import applies, tunable
+
+    assert set(flat_fields()) == set(OTHER_VALUES)  # (a new flat argument: add it to READS and OTHER_VALUES)
+    wrong = []
+    for method in accepted_flat_methods():
+        perturbation, averaging = parse_flat_method(method)
+        for name in flat_fields():
+            expected = name in READS[perturbation] | READS[averaging]
+            if applies(name, method) is not expected:
+                wrong.append((method, name, applies(name, method), expected))
+    assert wrong == []
+    assert applies("learning_rate", "sam") is None  # not a flat argument: every method but 'none'
+    assert tunable("sam", {"swa_lr": ["0.01"], "learning_rate": ["0.1"]}) == {"learning_rate": ["0.1"]}
+    assert tunable("lawa", {"average_freq": ["1", "2"], "lawa_k": ["2"]}) == {"average_freq": ["1", "2"], "lawa_k": ["2"]}
+    assert tunable("swa", {"lawa_k": ["2"], "ema_decay": ["0.9"]}) == {}
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "avg_sam", "gsam", "looksam", "esam", "saf", "mesa", "swa", "ema",
+                                    "lawa", "wasam", "looksam+lawa", "esam+ema", "mesa+lawa"])
+def test_what_applies_is_accepted_and_read_and_what_does_not_is_refused_or_ignored(tmp_path, method):
+    """Behaviour behind the table: a value of a setting that applies is accepted by FlatTrainingArguments
+    with no 'has no effect' warning (so a --grid of it never makes the method's runs fail)."""
+    import warnings
+
+    from hf_flat import TrainingArguments
+    from hf_flat.compare import applies
+
+    for name in flat_fields():
+        if not applies(name, method):
+            continue
+        for value in OTHER_VALUES[name]:
+            extra = {"swa_lr": 0.05} if name in SCHEDULE - {"swa_lr"} else {}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                TrainingArguments(str(tmp_path), flat_method=method, report_to="none", use_cpu=True,
+                                  per_device_train_batch_size=4, **{name: value, **extra})
+            assert not [w for w in caught if "has no effect" in str(w.message)], (method, name, value)
+
+
+FLAT_SCRIPT = textwrap.dedent('''
+    import json, os, sys
+    from dataclasses import dataclass
+    from transformers import HfArgumentParser
+    from hf_flat import TrainingArguments
+
+    @dataclass
+    class Extra:
+        holdout_fraction: float = 0.0
+
+    # a script that takes the FlatTrainingArguments flags, which refuse a setting its method cannot use
+    args, extra = HfArgumentParser((TrainingArguments, Extra)).parse_args_into_dataclasses()
+    score = 0.5 + 0.01 * args.seed + (0.02 if args.flat_averaging == "lawa" and args.average_freq == 2 else 0.0)
+    score += 0.001 * (args.swa_lr or 0.0)
+    os.makedirs(args.output_dir, exist_ok=True)
+    json.dump({"eval_accuracy": score, "flat_method": args.flat_method},
+              open(os.path.join(args.output_dir, "all_results.json"), "w"))
+''')
+
+
+def test_compare_grid_keys_reach_only_the_methods_they_change(tmp_path, capsys):
+    script = tmp_path / "flat_script.py"
+    script.write_text(FLAT_SCRIPT)
+
+    def compare(name, *options):
+        code = main(["compare", "--script", str(script), "--output_dir", str(tmp_path / name), "--quiet",
+                     "--seeds", "0", *options])
+        saved = tmp_path / name / "comparison.json"
+        return code, (json.loads(saved.read_text()) if saved.exists() else None), capsys.readouterr().err
+
+    # a global swa_lr grid: tuned for lawa, not passed to sam (whose runs FlatTrainingArguments would refuse)
+    code, result, err = compare("global", "--methods", "sam", "lawa", "--grid", "swa_lr=0.01,0.02")
+    assert code == 0 and result["failures"] == []
+    assert result["chosen"]["sam"] == {} and "sam" not in result["tuning"]
+    assert sorted(t["settings"]["swa_lr"] for t in result["tuning"]["lawa"]) == ["0.01", "0.02"]
+    assert "--grid swa_lr" in err and "not for sam" in err
+
+    # LAWA snapshots every average_freq steps: its own grid of it is tuned
+    code, result, err = compare("lawa", "--methods", "sam", "lawa", "--grid", "lawa:average_freq=1,2")
+    assert code == 0, err
+    assert result["chosen"]["lawa"] == {"average_freq": "2"} and len(result["tuning"]["lawa"]) == 2
+
+    # a method's own grid of a setting it does not read: refused before any run, naming what it does change
+    code, result, err = compare("refused", "--methods", "sam", "lawa", "--grid", "sam:swa_lr=0.01,0.02")
+    assert code == 2 and not (tmp_path / "refused" / "runs").exists()
+    assert "--grid sam:swa_lr" in err and "swa_lr does not change a run of sam" in err and "lawa:swa_lr" in err
