@@ -205,7 +205,7 @@ class FlatArgumentsMixin:
         metadata={
             "help": "Flat-minima method: 'none' (the plain Trainer), a perturbation method ('sam', 'asam', "
             "'avg_sam', 'gsam', 'looksam', 'esam', 'saf', 'mesa'), "
-            "an averaging method ('swa', 'ema'), or '<perturbation>+<averaging>' ('wasam' = 'sam+swa'). "
+            "an averaging method ('swa', 'ema', 'lawa'), or '<perturbation>+<averaging>' ('wasam' = 'sam+swa'). "
             "Accepted: " + ", ".join(accepted_flat_methods()) + "."
         },
     )
@@ -284,11 +284,11 @@ class FlatArgumentsMixin:
 
     average_start: float = field(
         default=0.75,
-        metadata={"help": "Averaging (swa, ema) begins after this fraction of the optimizer steps, in [0, 1)."},
+        metadata={"help": "Averaging (swa, ema, lawa) begins after this fraction of the optimizer steps, in [0, 1)."},
     )
     average_freq: int = field(
         default=0,
-        metadata={"help": "SWA snapshot every this many optimizer steps; 0 = once at the end of every epoch."},
+        metadata={"help": "SWA / LAWA snapshot every this many optimizer steps; 0 = once at the end of every epoch."},
     )
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay, in (0, 1)."})
     saf_lambda: float = field(default=0.3, metadata={"help": "SAF: weight of the trajectory loss (>= 0)."})

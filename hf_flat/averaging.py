@@ -290,6 +290,14 @@ class WeightAveraging(TrainerCallback):
             f"{outcome}. Lower {start}{f' or {freq}' if every else ''}, or train longer."
         )
 
+    def restore(self, params: dict, tensors: dict, meta: dict):
+        """`load_state_dict`, then take the restored average for `params` (name -> parameter) at
+        once, as `on_train_begin` does; `value(name)` then gives each averaged weight. For reading an
+        average outside training (the `hf-flat` commands' ``--weights averaged``)."""
+        self.params = params
+        self.load_state_dict(tensors, meta)
+        self._check_restored_average()
+
     def _check_restored_average(self):
         """Take the restored average's rows that this process holds (all of them unless sharded),
         after checking its names and shapes against the model."""

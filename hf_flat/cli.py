@@ -168,10 +168,8 @@ def load_average(model, path) -> str:
             raise UsageError(f"{file}: the averaged {name} has shape {tuple(shape_in_state(tensors, key))} but the "
                              f"model in {path} has {tuple(params[name].shape)}.")
     averaging = WeightAveraging(method, k=max(1, slots or 1), on_cpu=True)
-    averaging.params = params
-    averaging.load_state_dict(tensors, {**meta, "averaging_names": json.dumps(names),
+    averaging.restore(params, tensors, {**meta, "averaging_names": json.dumps(names),
                                         "averaging_count": meta.get("averaging_count", "0")})
-    averaging._check_restored_average()  # (what the trainer does with a restored average when training begins)
     with torch.no_grad():
         for name in averaging.names():
             params[name].copy_(averaging.value(name).to(params[name].device, params[name].dtype))

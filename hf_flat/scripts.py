@@ -150,44 +150,10 @@ def recorded_warnings():
         flat_logger.setLevel(level)
 
 
-def load_weights_by_saved_names(trainer):
-    """Make `trainer` resume a model's weights through `from_pretrained` when the checkpoint names
-    them differently from the model's `state_dict()`.
-
-    transformers 5.24's `Trainer._load_from_checkpoint` loads ``model.safetensors`` as a raw state
-    dict (``strict=False``), but `save_pretrained` writes some models' weights under their older
-    names (ViT: ``vit.encoder.layer.0.attention.attention.query.weight`` for
-    ``vit.layers.0.attention.q_proj.weight``): a resumed ViT would keep its initial encoder, with
-    only a warning. `from_pretrained` renames them."""
-    from safetensors import safe_open
-
-    original = trainer._load_from_checkpoint
-
-    def load(checkpoint, model=None):
-        model = trainer.model if model is None else model
-        single = os.path.join(checkpoint, "model.safetensors")
-        index = os.path.join(checkpoint, "model.safetensors.index.json")
-        if os.path.isfile(single):
-            with safe_open(single, "pt") as f:
-                saved = set(f.keys())
-        elif os.path.isfile(index):
-            with open(index) as f:
-                saved = set(json.load(f)["weight_map"])
-        else:
-            saved = None
-        if saved is None or saved == set(model.state_dict()) or not hasattr(type(model), "from_pretrained"):
-            return original(checkpoint, model)
-        model.load_state_dict(type(model).from_pretrained(checkpoint).state_dict())
-
-    trainer._load_from_checkpoint = load
-
-
 def train_and_evaluate(trainer):
-    """Train, resuming from `args.resume_from_checkpoint` (as `parse_script_args` resolved it, with
-    `load_weights_by_saved_names`), then evaluate if there is evaluation data. Returns the metrics
-    and the warnings hf_flat logged during training."""
-    if trainer.args.resume_from_checkpoint:
-        load_weights_by_saved_names(trainer)
+    """Train, resuming from `args.resume_from_checkpoint` (as `parse_script_args` resolved it), then
+    evaluate if there is evaluation data. Returns the metrics and the warnings hf_flat logged during
+    training."""
     with recorded_warnings() as warnings:
         metrics = dict(trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint).metrics)
     if trainer.eval_dataset is not None:

@@ -154,6 +154,7 @@ class FlatTrainerMixin(metaclass=FlatFirst):
             self.args = as_flat_args(self.args)
         self._flat_callbacks = []  # the method objects that are callbacks, registered with the Trainer
         self._flat_checkpoint = None  # the checkpoint whose flat state the methods restore
+        self._attempts = 0  # attempts of the current train() (auto_find_batch_size retries after running out of memory)
         self._log_sums = {}  # name -> sum since the last training log (on device), e.g. perturbed_loss
         self._log_steps = 0  # optimizer steps since the last training log
         self._log_perturbed_steps = 0  # ... of which perturbed steps (perturbed_loss, sharpness average over those)
@@ -231,7 +232,7 @@ class FlatTrainerMixin(metaclass=FlatFirst):
 
         (A private member of `Trainer`; tests/test_retries_and_edges.py fails if a retry stops
         coming through here.)"""
-        self._attempts = getattr(self, "_attempts", 0) + 1
+        self._attempts += 1
         if self._attempts > 1:
             self._start_flat_run()
         return super()._inner_training_loop(batch_size, args, resume_from_checkpoint, trial, ignore_keys_for_eval)

@@ -3,7 +3,6 @@ comparison report (`hf-flat report`): curve formulas and ends, a curve that goes
 no barrier in one quadratic basin, and the report's numbers against the individual commands'."""
 
 import json
-import math
 
 import pytest
 import torch

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, Features, Value
+from datasets import ClassLabel, Dataset, Features
 
 from hf_flat import FlatTrainer
 from hf_flat.data import UsageError, apply_label_noise
@@ -115,7 +115,7 @@ def _vit(out, *flags):
 def test_vit_noise_reaches_training_only_and_is_recorded(tmp_path, trainers):
     clean = _vit(tmp_path / "clean")
     noisy = _vit(tmp_path / "noisy", "--label_noise", "0.3")
-    again = _vit(tmp_path / "again", "--label_noise", "0.3")
+    _vit(tmp_path / "again", "--label_noise", "0.3")
     other = _vit(tmp_path / "other", "--label_noise", "0.3", "--label_noise_seed", "5")
     (c, n, a, o) = trainers
     train = labels_of(c.train_dataset)
