@@ -43,9 +43,10 @@ def _weights_text(which) -> str:
 
 
 def match_curves(curves, paths, weights) -> dict:
-    """{(i, j): (folder, found)}: each `hf-flat connect` folder matched to the pair of MODELs whose
-    path *and* weights (live / averaged) are its ends; a curve whose ends are not two of the MODELs
-    with those weights is refused, naming what differs and what to pass instead."""
+    """{(i, j): (folder, found, reversed)} with i < j: each `hf-flat connect` folder matched to the
+    pair of MODELs whose path *and* weights (live / averaged) are its ends (`reversed`: the curve runs
+    from MODEL j to MODEL i); a curve whose ends are not two of the MODELs with those weights is
+    refused, naming what differs and what to pass instead."""
     index = {(os.path.abspath(p), w): i for i, (p, w) in enumerate(zip(paths, weights))}
     given = {}
     for p, w in zip(paths, weights):
@@ -71,8 +72,19 @@ def match_curves(curves, paths, weights) -> dict:
         pair = tuple(sorted(at))
         if pair in matched:
             raise UsageError(f"--curves {matched[pair][0]} and {folder} join the same pair of MODELs: give one.")
-        matched[pair] = (folder, found)
+        matched[pair] = (folder, found, at[0] > at[1])
     return matched
+
+
+def curve_barriers(found: dict, reversed_curve: bool) -> dict:
+    """The ``curve/*`` barriers of a `hf-flat connect` result, with ``t`` running from the report's
+    model A to its model B, as on the line: ``1 - t`` of the curve's own when it runs from B to A."""
+    barriers = {}
+    for key, value in found["barriers"].items():
+        if key.startswith("curve/"):
+            flip = reversed_curve and value.get("at") is not None
+            barriers[key] = {**value, "at": 1.0 - value["at"]} if flip else value
+    return barriers
 
 
 def _row(value):
@@ -129,7 +141,7 @@ def run_report(args) -> dict:
                 if quantity in rows[0][name]:
                     pair["barriers"][f"line/{name}/{quantity}"] = barrier(rows, name, quantity)
         if (i, j) in pairs_of_curves:
-            folder, found = pairs_of_curves[(i, j)]
+            folder, found, reversed_curve = pairs_of_curves[(i, j)]
             theirs = found.get("arguments", {})
             differ = [k for k in ("data", "data_config", "train_split", "eval_split", "max_train_samples",
                                   "max_eval_samples", "max_length") if theirs.get(k) != getattr(args, k)]
@@ -139,7 +151,7 @@ def run_report(args) -> dict:
                              + "): its barriers are its own run's")
             pair["curve_from"] = folder
             pair["curve_kind"] = found.get("kind")
-            pair["barriers"].update({k: v for k, v in found["barriers"].items() if k.startswith("curve/")})
+            pair["barriers"].update(curve_barriers(found, reversed_curve))
         results["pairs"].append(pair)
 
     lines = ["| model | test loss | test accuracy | adversarial sharpness | average sharpness | asymmetry factor "

@@ -68,6 +68,17 @@ def test_report_matches_curves_by_path_and_weights_and_labels_both_sides(tmp_pat
     assert f"| {name} (averaged weights) | b |" in table and f"| {name} | b |" in table
 
 
+def test_a_curve_joining_the_pair_the_other_way_round_has_its_barrier_positions_flipped():
+    from hf_flat.report import curve_barriers
+
+    found = {"barriers": {"curve/test/loss": {"height": 0.2, "at": 0.25}, "curve/train/loss": {"height": 0.0, "at": None},
+                          "line/test/loss": {"height": 0.5, "at": 0.25}}}
+    assert curve_barriers(found, reversed_curve=False) == {"curve/test/loss": {"height": 0.2, "at": 0.25},
+                                                           "curve/train/loss": {"height": 0.0, "at": None}}
+    assert curve_barriers(found, reversed_curve=True) == {"curve/test/loss": {"height": 0.2, "at": 0.75},
+                                                          "curve/train/loss": {"height": 0.0, "at": None}}
+
+
 # ---- item 10: --weights averaged for every averaging kind, both state layouts ---------------------
 
 def train_vit(folder, method, steps=6, **extra):
