@@ -95,15 +95,16 @@ def test_a_retry_with_a_smaller_batch_trains_as_a_fresh_run(tmp_path, name, fail
     retried = InOrder(model=model, args=sgd_args(tmp_path / "a", auto_find_batch_size=True, **settings),
                       train_dataset=TinyData(), callbacks=[at_retry, *averaging])
     retried.train()
-    assert at_retry.attempts == 2 and retried._train_batch_size == 3
+    smaller = retried._train_batch_size  # (recent accelerate retries with 90% of the batch, 3; 1.8 with half, 2)
+    assert at_retry.attempts == 2 and smaller in (2, 3)
 
     fresh_model = TinyNet()
     fresh_model.load_state_dict(at_retry.weights)
     averaging = [WeightAveraging("swa", start=0.0, freq=1)] if averaging else []
-    fresh = InOrder(model=fresh_model, args=sgd_args(tmp_path / "b", per_device_train_batch_size=3, **settings),
+    fresh = InOrder(model=fresh_model, args=sgd_args(tmp_path / "b", per_device_train_batch_size=smaller, **settings),
                     train_dataset=TinyData(), callbacks=averaging)
     fresh.train()
-    assert retried.state.global_step == fresh.state.global_step == 9
+    assert retried.state.global_step == fresh.state.global_step == 3 * -(-16 // (2 * smaller))
     assert_same_weights(model, fresh_model)
 
 
