@@ -543,3 +543,21 @@ def tiny_llama(seed: int = 0):
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
                          bos_token_id=2, eos_token_id=3)
     return LlamaForCausalLM(config)
+
+
+def write_sharded(path, whole: dict, processes: int, unsharded=None, meta=None, flat_method="swa"):
+    """Write the flat state file `path` as `processes` processes of an FSDP2 run would: each
+    process's shard file holds torch.chunk's rows of every tensor of `whole`; the main file holds
+    `unsharded` tensors and `meta` and lists the shard files."""
+    from hf_flat.sharding import Rows, ShardedTensor
+    from hf_flat.state_file import save_flat_state, save_shard_file
+
+    for index in range(processes):
+        tensors = {}
+        for key, t in whole.items():
+            chunk = -(-t.shape[0] // processes)
+            start, stop = min(index * chunk, t.shape[0]), min((index + 1) * chunk, t.shape[0])
+            tensors[key] = ShardedTensor(t[start:stop], Rows(start, stop, tuple(t.shape)))
+        save_shard_file(path, [(tensors, {})], index, processes)
+    save_flat_state(path, [(dict(unsharded or {}), dict(meta or {"averaging": "swa"}))], flat_method, shards=processes)
+    return path

@@ -100,22 +100,15 @@ def train_vit(folder, method, steps=6, **extra):
 def rewrite_sharded(checkpoint, processes=2):
     """Write the checkpoint's flat state again as `processes` FSDP2 processes would (a main file and
     shard files holding torch.chunk's rows of every tensor), as tests/test_state_file.py does."""
-    from hf_flat.sharding import Rows, ShardedTensor
-    from hf_flat.state_file import load_flat_state, save_flat_state, save_shard_file
+    from hf_flat.state_file import load_flat_state
     from hf_flat.trainer import FLAT_STATE_NAME
+    from helpers import write_sharded
 
     path = os.path.join(checkpoint, FLAT_STATE_NAME)
     state, meta = load_flat_state(path)
     whole = {k: state[k].clone() for k in state}
-    for index in range(processes):
-        tensors = {}
-        for key, t in whole.items():
-            chunk = -(-t.shape[0] // processes)
-            start, stop = min(index * chunk, t.shape[0]), min((index + 1) * chunk, t.shape[0])
-            tensors[key] = ShardedTensor(t[start:stop], Rows(start, stop, tuple(t.shape)))
-        save_shard_file(path, [(tensors, {})], index, processes)
     meta = {k: v for k, v in meta.items() if k not in ("hf_flat_state_version", "flat_method")}
-    save_flat_state(path, [({}, meta)], "rewritten", shards=processes)
+    write_sharded(path, whole, processes, meta=meta, flat_method="rewritten")
     assert load_flat_state(path)[1]["hf_flat_state_version"] == "2"
 
 

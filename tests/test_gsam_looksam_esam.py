@@ -19,14 +19,7 @@ from helpers import (
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """TinyNet's tensors are too small for intra-op threads; on a busy 2-core machine their
-    waiting made this file five times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 def train_recorded(tmp_path, model, n=16, callbacks=(), **overrides):

@@ -6,28 +6,17 @@ import os
 import pytest
 import torch
 
-from hf_flat.sharding import Rows, ShardedTensor
-from hf_flat.state_file import load_flat_state, save_flat_state, save_shard_file
+from hf_flat.sharding import Rows
+from hf_flat.state_file import load_flat_state, save_flat_state
+from helpers import write_sharded
 
-
-def write_sharded(folder, whole: dict[str, torch.Tensor], processes: int, extra=None):
-    """Write `whole` as `processes` processes of an FSDP2 run would: torch.chunk's rows each."""
-    path = os.path.join(folder, "hf_flat_state.safetensors")
-    for index in range(processes):
-        tensors = {}
-        for key, t in whole.items():
-            chunk = -(-t.shape[0] // processes)
-            start, stop = min(index * chunk, t.shape[0]), min((index + 1) * chunk, t.shape[0])
-            tensors[key] = ShardedTensor(t[start:stop], Rows(start, stop, tuple(t.shape)))
-        save_shard_file(path, [(tensors, {})], index, processes)
-    save_flat_state(path, [({**(extra or {})}, {"averaging": "swa"})], "swa", shards=processes)
-    return path
+STATE = "hf_flat_state.safetensors"
 
 
 def test_sharded_state_reads_whole_or_in_any_rows(tmp_path):
     g = torch.Generator().manual_seed(0)
     whole = {"averaging.w": torch.randn(7, 3, generator=g), "averaging.b": torch.randn(2, generator=g)}
-    path = write_sharded(tmp_path, whole, processes=3, extra={"saf.logits": torch.ones(2, 2)})
+    path = write_sharded(str(tmp_path / STATE), whole, processes=3, unsharded={"saf.logits": torch.ones(2, 2)})
     assert sorted(os.listdir(tmp_path)) == [
         "hf_flat_state-shard-00000-of-00003.safetensors", "hf_flat_state-shard-00001-of-00003.safetensors",
         "hf_flat_state-shard-00002-of-00003.safetensors", "hf_flat_state.safetensors",
@@ -46,7 +35,7 @@ def test_sharded_state_reads_whole_or_in_any_rows(tmp_path):
 
 
 def test_a_missing_shard_file_is_a_clear_error(tmp_path):
-    path = write_sharded(tmp_path, {"averaging.w": torch.zeros(4, 2)}, processes=2)
+    path = write_sharded(str(tmp_path / STATE), {"averaging.w": torch.zeros(4, 2)}, processes=2)
     os.remove(tmp_path / "hf_flat_state-shard-00001-of-00002.safetensors")
     with pytest.raises(ValueError, match=r"lists the shard file hf_flat_state-shard-00001-of-00002.safetensors, "
                                          r"which cannot be read .* the checkpoint is incomplete"):

@@ -17,13 +17,7 @@ from hf_flat import FlatTrainer
 from helpers import RecordingCollator, TinyData, TinyNet, random_directions, sgd_args
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: one intra-op thread is as fast, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (tests/conftest.py)
 
 
 # ---- the hand reference ------------------------------------------------------------------------
