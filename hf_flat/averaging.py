@@ -167,7 +167,8 @@ class WeightAveraging(TrainerCallback):
         return f"flat_method={args.flat_method!r}" if self.managed else f"WeightAveraging({self.method!r})"
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        if self.method == "swa" and self.freq == 0 and train_dataloader is not None and not has_length(train_dataloader):
+        epochs = self.method in ("swa", "lawa") and self.freq == 0 and not self.cycle
+        if epochs and train_dataloader is not None and not has_length(train_dataloader):
             raise ValueError(
                 f"{self._what(args)} with {self._name('freq')}=0 takes a snapshot at the end of every epoch, but "
                 "the training data has no length (an IterableDataset), so the Trainer cannot tell where an epoch "

@@ -70,7 +70,7 @@ from .methods import ESAM, MESA, SAF, build_perturbation, build_trajectory
 from .methods.outputs import captured_forward
 from .methods.saf import INDEX_KEY, IndexedCollator, IndexedDataset
 from .methods.trajectory import is_language_model
-from .methods.two_pass import start_step
+from .methods.two_pass import normalises_over_samples, start_step
 from .state_file import is_sharded_state, load_flat_state, save_flat_state, save_shard_file
 from .swa_schedule import SWASchedule
 
@@ -389,6 +389,12 @@ class FlatTrainerMixin(metaclass=FlatFirst):
         self._check_sharded_setup()
         self._check_base_trainer()
         streamed = isinstance(self.train_dataset, torch.utils.data.IterableDataset)
+        if self.args.sam_m == 1 and self.perturbation is not None and normalises_over_samples(self.model):
+            raise ValueError(
+                f"sam_m=1 perturbs each sample on its own, but {type(self.model).__name__} has BatchNorm layers, which "
+                "cannot normalise a single sample in training mode. Use sam_m >= 2 (a divisor of the batch size), or "
+                "sam_m=None."
+            )
         if isinstance(self.trajectory, SAF) and streamed:
             raise ValueError(
                 "flat_method='saf' keys its memory by the sample's index in train_dataset, which an "
@@ -609,7 +615,6 @@ class FlatTrainerMixin(metaclass=FlatFirst):
         would drop state the checkpoint holds (``wasam`` -> ``sam``) is refused, since it would
         silently restart or lose an average, a SAF memory or a MESA teacher.
         """
-        self._check_resumed_schedule(checkpoint)
         path = os.path.join(checkpoint, FLAT_STATE_NAME)
         tensors, meta = load_flat_state(path) if os.path.isfile(path) else ({}, {})
         saved, needed = state_kinds(meta), {kind for part in self._stateful_parts() for kind in part_kinds(part)}
@@ -628,6 +633,7 @@ class FlatTrainerMixin(metaclass=FlatFirst):
                 f"{' and '.join(problems)}. Resume with the flat_method that wrote the checkpoint, or start a new "
                 f"run from its weights: load the model from {checkpoint} and train without resume_from_checkpoint."
             )
+        self._check_resumed_schedule(checkpoint)
         for part in self._stateful_parts():
             part.load_state_dict(tensors, meta)
         saf_rows = getattr(self.trajectory, "logits", None)

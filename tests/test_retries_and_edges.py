@@ -293,3 +293,50 @@ def test_a_resumed_vit_ends_where_the_uninterrupted_run_ends(tmp_path):
     resumed = InOrder(model=vit(), args=sgd_args(tmp_path / "resumed", **common), train_dataset=Pixels())
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     assert_same_weights(resumed.model, full.model, atol=1e-6)
+
+
+def test_sam_m_1_on_a_batchnorm_model_is_refused_before_the_first_step(tmp_path):
+    model = TinyNet(batchnorm=True)
+    trainer = FlatTrainer(model=model, args=sgd_args(tmp_path, flat_method="sam", sam_m=1), train_dataset=TinyData())
+    with pytest.raises(ValueError, match=r"sam_m=1 perturbs each sample on its own, but TinyNet has BatchNorm layers.*"
+                                         r"Use sam_m >= 2"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_esam_ranks_by_plain_cross_entropy_when_a_compute_loss_func_replaces_the_smoother(tmp_path):
+    from hf_flat.methods.esam import sample_losses
+    from hf_flat.methods.outputs import captured_forward
+
+    model = TupleNet()
+    trainer = FlatTrainer(model=model, args=sgd_args(tmp_path, flat_method="esam", label_smoothing_factor=0.3),
+                          train_dataset=TinyData(),
+                          compute_loss_func=lambda outputs, labels, num_items_in_batch=None:
+                          torch.nn.functional.cross_entropy(outputs[0], labels))
+    batch = {"x": TinyData().x[:4], "labels": TinyData().y[:4]}
+    with captured_forward(model) as seen:
+        trainer.compute_loss(model, dict(batch))
+    plain = torch.nn.functional.cross_entropy(model(batch["x"])[0], batch["labels"], reduction="none")
+    assert torch.allclose(sample_losses(trainer, seen, batch)[0], plain, atol=1e-6)
+
+
+def test_lawa_with_a_snapshot_per_epoch_on_a_stream_is_refused(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            data = TinyData()
+            while True:
+                yield from (data[i] for i in range(len(data)))
+
+    args = sgd_args(tmp_path, flat_method="lawa", max_steps=4, average_start=0.0)
+    with pytest.raises(ValueError, match=r"flat_method='lawa' with average_freq=0 takes a snapshot at the end of every "
+                                         r"epoch, but the training data has no length"):
+        FlatTrainer(model=TinyNet(), args=args, train_dataset=Stream()).train()
+
+
+def test_a_resume_that_would_drop_the_average_says_so_before_the_schedule(tmp_path):
+    settings = dict(save_strategy="steps", save_steps=2, max_steps=4)
+    FlatTrainer(model=TinyNet(), args=sgd_args(tmp_path, flat_method="wasam", average_start=0.0, swa_lr=0.05, **settings),
+                train_dataset=TinyData()).train()
+    trainer = FlatTrainer(model=TinyNet(), args=sgd_args(tmp_path, flat_method="sam", **settings), train_dataset=TinyData())
+    with pytest.raises(ValueError, match=r"Cannot resume flat_method='sam' .*its state for swa would be dropped"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))

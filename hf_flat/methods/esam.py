@@ -104,8 +104,9 @@ def sample_losses(trainer, seen, inputs: dict) -> tuple[torch.Tensor, torch.Tens
         counted = mask.float().sum(1)
         return -log_probs.sum(1) / counted.clamp(min=1), counted
     logits = logits_of(seen.outputs, trainer.model, returns_loss_first(seen.kwargs or {}, trainer.label_names))
-    smoother = getattr(trainer, "label_smoother", None)  # label_smoothing_factor: rank by the smoothed loss trained on
-    smoothing = smoother.epsilon if smoother is not None else 0.0
+    # label_smoothing_factor: rank by the smoothed loss the Trainer trains on (unless a compute_loss_func replaces it)
+    smoother = getattr(trainer, "label_smoother", None)
+    smoothing = smoother.epsilon if smoother is not None and getattr(trainer, "compute_loss_func", None) is None else 0.0
     return per_sample_losses(logits.detach(), inputs, is_causal_lm(trainer.model), smoothing)
 
 
