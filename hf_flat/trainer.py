@@ -25,9 +25,9 @@ tests that fail if their behaviour changes:
   crash-safety tests in tests/test_trainer_surface.py, test_averaging.py, test_crash_safety.py.
 - `_hp_search_setup` (the point where a trial's values are on `args`): the optuna test in
   tests/test_trainer_surface.py.
-- `_inner_training_loop` (an ``auto_find_batch_size`` retry starts new flat state) and
-  `_load_from_checkpoint` (repaired for checkpoints that name weights differently, ViT's):
-  tests/test_retries_and_edges.py.
+- `_inner_training_loop` (an ``auto_find_batch_size`` retry starts new flat state),
+  `_load_from_checkpoint` and `_load_best_model` (repaired for checkpoints that name weights
+  differently, ViT's): tests/test_retries_and_edges.py.
 - the rule behind `loss_is_scaled_for_ga` (copied in `_loss_is_scaled_for_ga`, read with a fallback
   where the attribute is missing): tests/test_private_members.py.
 - `_remove_unused_columns`, `_get_collator_with_removed_columns`, `_train_batch_size` (after
@@ -651,24 +651,39 @@ class FlatTrainerMixin(metaclass=FlatFirst):
                 )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """The Trainer's loading of a checkpoint's weights, repaired where transformers' own is wrong.
-
-        transformers 5.2x's `Trainer._load_from_checkpoint` loads ``model.safetensors`` as a raw state
-        dict with ``strict=False``, but `save_pretrained` writes some models' weights under their
-        older names (ViT: ``vit.encoder.layer.0.attention.attention.query.weight`` for
-        ``vit.layers.0.attention.q_proj.weight``): a resumed ViT keeps its initial encoder, with only
-        a warning, under the plain `Trainer` too. When the checkpoint holds names the model does not
-        have, the weights are loaded through `from_pretrained`, which renames them. (A private member
-        of `Trainer`; tests/test_retries_and_edges.py resumes a ViT and fails if this stops running.)"""
+        """The Trainer's loading of a checkpoint's weights on resume, repaired where transformers'
+        own is wrong (`_load_renamed_weights`)."""
         model = self.model if model is None else model
-        saved = saved_weight_names(resume_from_checkpoint)
+        if not self._load_renamed_weights(resume_from_checkpoint, model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        """The Trainer's loading of the best checkpoint (``load_best_model_at_end``), repaired as on
+        resume (`_load_renamed_weights`)."""
+        if not self._load_renamed_weights(self.state.best_model_checkpoint, self.model):
+            return super()._load_best_model()
+
+    def _load_renamed_weights(self, checkpoint, model) -> bool:
+        """Load `checkpoint`'s weights into `model` through `from_pretrained` when the checkpoint
+        names weights the model does not have; False (nothing done) otherwise.
+
+        transformers 5.2x's Trainer loads ``model.safetensors`` as a raw state dict with
+        ``strict=False`` (on resume and for ``load_best_model_at_end``), but `save_pretrained` writes
+        some models' weights under their older names (ViT: ``vit.encoder.layer.0.attention.attention.query.weight``
+        for ``vit.layers.0.attention.q_proj.weight``): the Trainer then leaves the encoder as it was,
+        with only a warning, under the plain `Trainer` too. `from_pretrained` renames them.
+        (`_load_from_checkpoint` and `_load_best_model` are private members of `Trainer`;
+        tests/test_retries_and_edges.py resumes a ViT and loads its best checkpoint, and fails if
+        this stops running.)"""
+        saved = saved_weight_names(checkpoint) if checkpoint else None
         if (
             saved is None or saved <= set(model.state_dict()) or not hasattr(type(model), "from_pretrained")
             or self.is_fsdp_enabled or self.is_deepspeed_enabled
         ):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        logger.info(f"{resume_from_checkpoint} names the weights differently from the model: loading them with from_pretrained.")
-        model.load_state_dict(type(model).from_pretrained(resume_from_checkpoint).state_dict())
+            return False
+        logger.info(f"{checkpoint} names the weights differently from the model: loading them with from_pretrained.")
+        model.load_state_dict(type(model).from_pretrained(checkpoint).state_dict())
+        return True
 
     def _check_resumed_schedule(self, checkpoint):
         """SWA's schedule (``swa_lr``) and the Trainer's own keep different state in the checkpoint's

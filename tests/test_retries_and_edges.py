@@ -266,33 +266,48 @@ def test_an_esam_draw_of_tensors_the_forward_does_not_use_perturbs_every_tensor(
 
 
 # ---- transformers' resume of a ViT ---------------------------------------------------------------------------
+def tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
+                                               num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                               num_labels=3))
+
+
+class Pixels(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"pixel_values": torch.randn(1, 8, 8, generator=g), "labels": torch.tensor(i % 3)}
+
+
 def test_a_resumed_vit_ends_where_the_uninterrupted_run_ends(tmp_path):
     """transformers 5.2x saves ViT's weights under their older names and the Trainer's resume loads
     them raw (strict=False), leaving the encoder at its initial weights; FlatTrainer repairs it."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    def vit():
-        torch.manual_seed(0)
-        return ViTForImageClassification(ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16,
-                                                   num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                                   num_labels=3))
-
-    class Pixels(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            g = torch.Generator().manual_seed(i)
-            return {"pixel_values": torch.randn(1, 8, 8, generator=g), "labels": torch.tensor(i % 3)}
-
     # one batch per epoch, so the data order cannot differ after the resume
     common = dict(flat_method="wasam", average_start=0.25, average_freq=1, per_device_train_batch_size=8,
                   num_train_epochs=4, save_strategy="steps", save_steps=2)
-    full = InOrder(model=vit(), args=sgd_args(tmp_path / "full", **common), train_dataset=Pixels())
+    full = InOrder(model=tiny_vit(), args=sgd_args(tmp_path / "full", **common), train_dataset=Pixels())
     full.train()
-    resumed = InOrder(model=vit(), args=sgd_args(tmp_path / "resumed", **common), train_dataset=Pixels())
+    resumed = InOrder(model=tiny_vit(), args=sgd_args(tmp_path / "resumed", **common), train_dataset=Pixels())
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     assert_same_weights(resumed.model, full.model, atol=1e-6)
+
+
+def test_load_best_model_at_end_loads_a_vit_s_best_checkpoint_whole(tmp_path):
+    from transformers import ViTForImageClassification
+
+    args = sgd_args(tmp_path, flat_method="sam", per_device_train_batch_size=8, num_train_epochs=4, learning_rate=0.5,
+                    eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+                    metric_for_best_model="eval_loss")
+    trainer = FlatTrainer(model=tiny_vit(), args=args, train_dataset=Pixels(), eval_dataset=Pixels())
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert not best.endswith("checkpoint-4")  # (the best is not the last step, so loading it changes the model)
+    assert_same_weights(trainer.model, ViTForImageClassification.from_pretrained(best), atol=0)
 
 
 def test_sam_m_1_on_a_batchnorm_model_is_refused_before_the_first_step(tmp_path):
