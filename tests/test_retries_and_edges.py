@@ -355,3 +355,30 @@ def test_a_resume_that_would_drop_the_average_says_so_before_the_schedule(tmp_pa
     trainer = FlatTrainer(model=TinyNet(), args=sgd_args(tmp_path, flat_method="sam", **settings), train_dataset=TinyData())
     with pytest.raises(ValueError, match=r"Cannot resume flat_method='sam' .*its state for swa would be dropped"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_an_esam_draw_that_a_later_batch_does_not_use_is_refused_clearly(tmp_path):
+    """A forward that uses some weights on the first batch only (as mixture-of-experts routing may):
+    a later draw of only those cannot be trained on; ESAM says so instead of a backward error."""
+    from hf_flat.methods.esam import esam_subset
+
+    class FirstBatchOnly(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.extra, self.calls = torch.nn.Linear(3, 3), 0
+
+        def forward(self, x, labels=None):
+            out = super().forward(x, labels)
+            self.calls += 1
+            if self.calls == 1:
+                out["logits"] = self.extra(out["logits"])
+                out["loss"] = torch.nn.functional.cross_entropy(out["logits"], labels)
+            return out
+
+    draws = [esam_subset(0, "0", index, 6, 0.3) for index in range(1, 4)]
+    assert any(any(d) and not any(d[:4]) for d in draws)  # (a draw of the extra layer's tensors only comes soon)
+    trainer = FlatTrainer(model=FirstBatchOnly(), args=sgd_args(tmp_path, flat_method="esam", esam_beta=0.3),
+                          train_dataset=TinyData())
+    with pytest.raises(ValueError, match=r"flat_method='esam' drew a subset of the trainable tensors \(esam_beta=0.3\) "
+                                         r"of which this batch's forward uses none.*Use esam_beta=1"):
+        trainer.train()

@@ -135,30 +135,39 @@ class ESAM(TwoPassMethod):
         selected samples. Returns ``(L(w), L(w + e))`` (scaled like the Trainer's loss) and the copy of w."""
         chosen = esam_subset(self.seed, str(self.process_index), self.draws, len(params), self.beta)
         self.draws += 1
-        learning = self._used is None  # this run's first pass 1 computes every tensor's gradient, to learn which are used
-        if not learning:
-            chosen = [c and used for c, used in zip(chosen, self._used)]
+        # An empty draw (probability (1 - beta)^n), or one of tensors the forward does not use, takes
+        # every tensor, unscaled, as beta = 1 would. Which tensors are used, this run's first pass 1
+        # finds out: it computes every tensor's gradient.
+        learning = self._used is None
+        subset = not learning and any(c and used for c, used in zip(chosen, self._used))
         accumulated = [p.grad for p in params]
         for p in params:
             p.grad = None
-        left_out = [p for p, c in zip(params, chosen) if not c] if any(chosen) and not learning else []
+        left_out = [p for p, c in zip(params, chosen) if not c] if subset else []
         for p in left_out:
             p.requires_grad_(False)
         try:
             with trainer.accelerator.no_sync(model):
                 loss, seen = trainer.forward_backward_with_outputs(model, inputs, num_items_in_batch)
+        except RuntimeError as error:
+            if left_out and "does not require grad" in str(error):
+                raise ValueError(
+                    f"flat_method='esam' drew a subset of the trainable tensors (esam_beta={self.beta}) of which this "
+                    "batch's forward uses none, though the run's first batch used some of them: the model's forward "
+                    "uses different weights on different batches (mixture-of-experts routing, LayerDrop). Use "
+                    "esam_beta=1 (no subset) or flat_method='sam' with this model."
+                ) from error
+            raise
         finally:
             for p in left_out:
                 p.requires_grad_(True)
         if learning:
             self._used = [p.grad is not None for p in params]
-            chosen = [c and used for c, used in zip(chosen, self._used)]
+            subset = any(c and used for c, used in zip(chosen, self._used))
             for p, c in zip(params, chosen):
-                if any(chosen) and not c:
+                if subset and not c:
                     p.grad = None  # as if it had not required grad
-        # an empty draw (probability (1 - beta)^n), or one of tensors the forward does not use, takes
-        # every tensor, unscaled, as beta = 1 would
-        self._scale_beta = self.beta if any(chosen) else 1.0
+        self._scale_beta = self.beta if subset else 1.0
         before, counted = sample_losses(trainer, seen, inputs)
         del seen
 
