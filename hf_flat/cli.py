@@ -60,15 +60,27 @@ def model_folder(path):
     return path
 
 
-def _load_transformers_model(path):
-    """The transformers model saved in `path` (a folder, or a Hub name in the cache), of the
-    architecture its config.json names."""
+#: A PEFT adapter's ``task_type`` -> the transformers class it was trained on, over its base model.
+ADAPTER_TASK_MODELS = {
+    "SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def _load_transformers_model(path, task=None, num_labels=None):
+    """The transformers model saved in `path` (a folder, or a Hub name in the cache): of the
+    architecture its config.json names, or with the head of a PEFT adapter's `task` (``SEQ_CLS``,
+    ...; with `num_labels` classes when given: a head the adapter itself holds)."""
     from transformers import AutoConfig
     import transformers
 
     from .data import from_pretrained_kwargs
 
     offline = from_pretrained_kwargs(path)
+    if task in ADAPTER_TASK_MODELS:
+        extra = {} if num_labels is None else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+        return getattr(transformers, ADAPTER_TASK_MODELS[task]).from_pretrained(path, **offline, **extra)
     config = AutoConfig.from_pretrained(path, **offline)
     architecture = (config.architectures or [None])[0]
     if architecture is None or not hasattr(transformers, architecture):
@@ -85,7 +97,7 @@ def load_weights(path, device, weights="live"):
     its average (which holds the adapter's trainable weights, by their PEFT names) copied in, and
     merged into the base (`merge_and_unload`): the commands then see a plain transformers model whose
     every weight is analysed, as for a model saved whole."""
-    from .data import adapter_base
+    from .data import adapter_base, adapter_task
 
     base = adapter_base(model_folder(path))
     if base is None:
@@ -94,7 +106,8 @@ def load_weights(path, device, weights="live"):
         return model.to(device).eval(), described
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(_load_transformers_model(base), path)
+    # the model the adapter was trained on: the base with its task's head (get_peft_model(AutoModelFor...(base)))
+    model = PeftModel.from_pretrained(_load_transformers_model(base, *adapter_task(path)), path)
     described = load_average(model, path) if weights == "averaged" else "live (as saved)"
     try:
         merged = model.merge_and_unload()

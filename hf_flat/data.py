@@ -195,12 +195,36 @@ def config_source(model_dir) -> str:
     return adapter_base(model_dir) or model_dir
 
 
+def adapter_task(path) -> tuple[str | None, int | None]:
+    """A PEFT adapter folder's ``task_type`` and, for a classification head that the adapter holds
+    (``modules_to_save``), its number of classes: the smallest output size among those modules'
+    weight matrices (the head's last layer)."""
+    from safetensors import safe_open
+
+    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+        task = json.load(f).get("task_type")
+    weights, sizes = os.path.join(path, "adapter_model.safetensors"), []
+    if task in ("SEQ_CLS", "TOKEN_CLS") and os.path.isfile(weights):
+        with safe_open(weights, "pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                if ".modules_to_save." in f".{key}" and key.endswith(".weight") and len(shape) == 2:
+                    sizes.append(shape[0])
+    return task, (min(sizes) if sizes else None)
+
+
 def model_config(model_dir):
-    """The model config of a model folder, or of an adapter folder's base model."""
+    """The model config of a model folder, or of an adapter folder's base model (with the number of
+    classes of a classification head that the adapter holds, `adapter_task`)."""
     from transformers import AutoConfig
 
     source = config_source(model_dir)
-    return AutoConfig.from_pretrained(source, **from_pretrained_kwargs(source))
+    config = AutoConfig.from_pretrained(source, **from_pretrained_kwargs(source))
+    if source != model_dir:
+        labels = adapter_task(model_dir)[1]
+        if labels is not None and labels != config.num_labels:
+            config.num_labels = labels
+    return config
 
 
 def _holds(source, name) -> bool:

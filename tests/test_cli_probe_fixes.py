@@ -395,3 +395,43 @@ def test_compare_grid_keys_reach_only_the_methods_they_change(tmp_path, capsys):
     code, result, err = compare("refused", "--methods", "sam", "lawa", "--grid", "sam:swa_lr=0.01,0.02")
     assert code == 2 and not (tmp_path / "refused" / "runs").exists()
     assert "--grid sam:swa_lr" in err and "swa_lr does not change a run of sam" in err and "lawa:swa_lr" in err
+
+
+def test_a_classification_adapter_over_a_masked_lm_base_gets_its_head(tmp_path):
+    """The usual LoRA set-up: a base saved as a masked LM, fine-tuned as a classifier
+    (task_type SEQ_CLS, the head saved in the adapter): the commands load the classifier."""
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+    from transformers import BertForMaskedLM, BertForSequenceClassification
+
+    from hf_flat import FlatTrainer, TrainingArguments
+    from hf_flat.cli import load_weights
+    from test_cli_user_data import LABELS, save_tiny_bert, write_csv
+
+    classifier, base, out = str(tmp_path / "cls"), str(tmp_path / "base"), str(tmp_path / "lora")
+    save_tiny_bert(classifier, num_labels=3)  # (its tokenizer and encoder; the data is prepared for 3 classes)
+    BertForMaskedLM.from_pretrained(classifier).save_pretrained(base)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(classifier).save_pretrained(base)
+    data = write_csv(tmp_path / "my.csv", [label + 1 for label in LABELS])  # 3 classes, where the base has none
+    train = preprocess(load_splits(data)["train"], classifier, max_length=16)
+    model = get_peft_model(BertForSequenceClassification.from_pretrained(base, num_labels=3),
+                           LoraConfig(task_type=TaskType.SEQ_CLS, r=2, lora_alpha=4, target_modules=["query", "value"],
+                                      init_lora_weights=False))
+    args = TrainingArguments(output_dir=out, flat_method="sam", optim="sgd", learning_rate=0.5,
+                             per_device_train_batch_size=4, max_steps=2, save_strategy="no", report_to="none",
+                             use_cpu=True, disable_tqdm=True, seed=0)
+    FlatTrainer(model=model, args=args, train_dataset=train).train()
+    model.save_pretrained(out)
+
+    # (the pooler, which the masked LM lacks and the adapter does not hold, is initialised afresh: seeded alike)
+    torch.manual_seed(0)
+    loaded, _ = load_weights(out, "cpu")
+    assert isinstance(loaded, BertForSequenceClassification) and loaded.config.num_labels == 3
+    torch.manual_seed(0)
+    by_hand = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(base, num_labels=3), out)
+    by_hand = by_hand.merge_and_unload().state_dict()
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, by_hand[key], rtol=0, atol=0, msg=key)
+    run(["sharpness", out, "--data", data, "--max_length", "16", "--m", "4", "--n", "1", "--n_average", "1",
+         "--directions", "2", "--hessian_iterations", "2", "--output_dir", str(tmp_path / "s")])
