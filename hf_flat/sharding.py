@@ -108,16 +108,15 @@ def shard_group(tensors):
     return None
 
 
-def sum_over_shards(value: float, group) -> float:
-    """The sum of a per-process float over the processes of `group` (computed in float64, so the
-    squares of float32 norms do not overflow); `value` itself when `group` is None."""
+def sum_over_shards(value: torch.Tensor, group) -> torch.Tensor:
+    """The sum of a per-process 0-dim tensor over the processes of `group`, all-reduced on the
+    tensor's device (read by no one on the host); `value` itself when `group` is None. Pass squares
+    of norms in float64, so that they do not overflow."""
     if group is None:
         return value
-    total = torch.tensor([value], dtype=torch.float64)
-    if torch.distributed.get_backend(group) == "nccl":
-        total = total.cuda()
+    total = value.clone()
     torch.distributed.all_reduce(total, group=group)
-    return total.item()
+    return total
 
 
 def shard_of(whole: torch.Tensor, rows: Rows) -> torch.Tensor:

@@ -68,7 +68,7 @@ from .averaging import WeightAveraging, averaged_prefix, build_averaging
 from .model_card import FLAT_CARD_HEADING, flat_card_section, flat_tags
 from .methods import ESAM, MESA, SAF, build_perturbation, build_trajectory
 from .methods.outputs import captured_forward
-from .methods.saf import INDEX_KEY, IndexedCollator, IndexedDataset
+from .methods.saf import HOST_INDEX_KEY, INDEX_KEY, IndexedCollator, IndexedDataset
 from .methods.trajectory import is_language_model
 from .methods.two_pass import normalises_over_samples, start_step
 from .state_file import is_sharded_state, load_flat_state, save_flat_state, save_shard_file
@@ -76,6 +76,8 @@ from .swa_schedule import SWASchedule
 
 logger = logging.get_logger(__name__)
 
+#: The logs of a perturbed step, averaged over the perturbed micro-batches whose value is finite.
+PERTURBED_LOGS = ("perturbed_loss", "sharpness")
 #: The file in each checkpoint folder that holds hf-flat's own state (safetensors: loads without code).
 FLAT_STATE_NAME = "hf_flat_state.safetensors"
 
@@ -156,10 +158,12 @@ class FlatTrainerMixin(metaclass=FlatFirst):
         self._flat_checkpoint = None  # the checkpoint whose flat state the methods restore
         self._attempts = 0  # attempts of the current train() (auto_find_batch_size retries after running out of memory)
         self._log_sums = {}  # name -> sum since the last training log (on device), e.g. perturbed_loss
+        self._log_values = {}  # name -> values added since the last training log (PERTURBED_LOGS)
         self._log_steps = 0  # optimizer steps since the last training log
         self._log_perturbed_steps = 0  # ... of which perturbed steps (perturbed_loss, sharpness average over those)
         self._perturbed_step = False  # the current optimizer step is a perturbed one
         self._sample_indices = None  # SAF: the current micro-batch's indices in train_dataset
+        self._sample_host_indices = None  # ... the same in host memory (`HostIndices`)
         self._training_micro_batch = False
         self._reached_compute_loss = False  # this micro-batch's loss went through this class's compute_loss
         self._loss_share, self._loss_share_applied = 1, False  # sam_m: the current chunk's share of its micro-batch
@@ -219,6 +223,7 @@ class FlatTrainerMixin(metaclass=FlatFirst):
         """New flat state for a training run: new method objects (restored from `_flat_checkpoint`
         when resuming) and empty log sums, then the checks that refuse an unsupported set-up."""
         self._log_sums, self._log_steps, self._log_perturbed_steps, self._perturbed_step = {}, 0, 0, False
+        self._log_values = {}
         self._set_up_flat_methods()
         self._check_training_setup()
 
@@ -256,6 +261,7 @@ class FlatTrainerMixin(metaclass=FlatFirst):
         if isinstance(self.trajectory, SAF):  # the sample indices never reach the model
             inputs = dict(inputs)
             self._sample_indices = inputs.pop(INDEX_KEY, None)
+            self._sample_host_indices = inputs.pop(HOST_INDEX_KEY, None)
         self._training_micro_batch, self._reached_compute_loss = True, False
         try:
             if self.perturbation is None:
@@ -328,7 +334,7 @@ class FlatTrainerMixin(metaclass=FlatFirst):
         saved = self.train_dataset, self.data_collator, self._signature_columns
         self.train_dataset = IndexedDataset(self.train_dataset)
         self.data_collator = IndexedCollator(self.data_collator)
-        self._signature_columns = [*self._signature_columns, INDEX_KEY]  # kept by column removal
+        self._signature_columns = [*self._signature_columns, INDEX_KEY, HOST_INDEX_KEY]  # kept by column removal
         try:
             return super().get_train_dataloader()
         finally:
@@ -706,22 +712,41 @@ class FlatTrainerMixin(metaclass=FlatFirst):
 
     # ---- logging ---------------------------------------------------------------------------
     def _add_to_log(self, name, value):
-        """Sum a per-micro-batch value (scaled like the Trainer's loss) until the next training log."""
+        """Sum a per-micro-batch value (scaled like the Trainer's loss) until the next training log,
+        on the device. ``perturbed_loss`` and ``sharpness`` also count the micro-batches whose value
+        is finite, and sum only those: a step whose perturbation overflowed (fp16; the GradScaler
+        skips it) leaves their averages as they were, without a value being read on the host."""
+        value = value.detach().float()
+        if name in PERTURBED_LOGS:
+            self._log_values[name] = self._log_values.get(name, 0) + 1
+            finite = torch.isfinite(value)
+            value = torch.where(finite, value, torch.zeros_like(value))
+            self._add_to_log(f"{name}_count", finite.float())
         if name not in self._log_sums:
             self._log_sums[name] = torch.zeros((), device=value.device)
-        self._log_sums[name] += value.detach().float()
+        self._log_sums[name] += value
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for prefix, seconds in self._averaged_eval_seconds.items():
             _exclude_from_speed_metrics(logs, prefix, seconds)
         self._averaged_eval_seconds = {}
         if "loss" in logs and self._log_steps > 0:  # averages over the whole logging window
+            counts = {name: self._log_sums.pop(f"{name}_count") for name in PERTURBED_LOGS if f"{name}_count" in self._log_sums}
             for name, total in self._log_sums.items():
-                # perturbed_loss and sharpness: over the perturbed steps only (all of them unless on a schedule)
-                steps = self._log_perturbed_steps if name in ("perturbed_loss", "sharpness") else self._log_steps
+                # perturbed_loss and sharpness: over the perturbed steps only (all of them unless on a schedule),
+                # and of those over the micro-batches with a finite value (as a share of the perturbed ones)
+                steps = self._log_perturbed_steps if name in PERTURBED_LOGS else self._log_steps
                 if steps:  # the same on every process, so every process takes part in the reduce
-                    logs[name] = self.accelerator.reduce(total.clone(), reduction="mean").item() / steps
+                    processes = self.accelerator.num_processes
+                    value = self.accelerator.reduce(total.clone(), reduction="sum").item() / (steps * processes)
+                    if name in counts:  # scaled up from the finite values to all the perturbed ones
+                        finite = self.accelerator.reduce(counts[name].clone(), reduction="sum").item()
+                        added = self._log_values.get(name, 0) * processes
+                        value = value * added / finite if finite else None
+                    if value is not None:
+                        logs[name] = value
                 total.zero_()
+            self._log_values = {}
             self._log_steps = self._log_perturbed_steps = 0
             if "trajectory_loss" in logs:
                 logs["task_loss"] = logs["loss"] - logs["trajectory_loss"]

@@ -125,12 +125,12 @@ def main(out_dir, runs):
                     saf = trainer.trajectory
                     saf_loss = saf.loss
 
-                    def recording_loss(logits, indices, epoch, gather, kind=None):
+                    def recording_loss(logits, indices, epoch, gather, kind=None, **host):
                         slot = epoch % saf.past_epochs
                         if saf.logits is not None:
                             has = (saf.epochs[slot, indices.cpu()] == epoch - 1).sum().item()
                             found.append((epoch, indices.tolist(), has))
-                        return saf_loss(logits, indices, epoch, gather, kind)
+                        return saf_loss(logits, indices, epoch, gather, kind, **host)
 
                     saf.loss = recording_loss
 

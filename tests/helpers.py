@@ -211,15 +211,24 @@ def save_tiny_t5(path) -> str:
 
 
 def random_directions(params, seed, stream, index):
-    """Average SAM's z for perturbation number `index` of `stream`, drawn as its docstring says:
-    for parameter i, a float32 `randn` from a CPU generator seeded with `direction_seed(..., i)`."""
-    from hf_flat.methods.avg_sam import direction_seed
+    """Average SAM's z for perturbation number `index` of `stream`, drawn as its docstring says: the
+    parameters' elements, flattened and concatenated in order, fall into `SEGMENTS` consecutive
+    segments of ceil(N / SEGMENTS); segment j's generator (CPU, seeded with
+    `direction_seed(seed, stream, index, j)`) fills, in order, the pieces of the parameters in it,
+    each with float32 `normal_`."""
+    from hf_flat.methods.avg_sam import SEGMENTS, direction_seed
 
-    return [
-        torch.randn(p.shape, generator=torch.Generator().manual_seed(direction_seed(seed, stream, index, i)),
-                    dtype=torch.float32)
-        for i, p in enumerate(params)
-    ]
+    flat = [torch.empty(p.numel()) for p in params]
+    total = sum(p.numel() for p in params)
+    length = max(1, -(-total // SEGMENTS))
+    starts = [sum(p.numel() for p in params[:i]) for i in range(len(params))]  # each parameter's first element
+    for j in range(SEGMENTS):
+        generator = torch.Generator().manual_seed(direction_seed(seed, stream, index, j))
+        for i, p in enumerate(params):
+            begin, end = max(starts[i], j * length), min(starts[i] + p.numel(), (j + 1) * length)
+            if begin < end:
+                flat[i][begin - starts[i]: end - starts[i]] = torch.empty(end - begin).normal_(generator=generator)
+    return [f.view(p.shape) for f, p in zip(flat, params)]
 
 
 def reference_where_and_when(

@@ -12,31 +12,55 @@ forward/backward pass, at ``w + e``; the logged ``loss`` is that pass's loss, L(
 ``perturbed_loss`` / ``sharpness`` is logged. BatchNorm running statistics come from that pass.
 The paper uses rho = 0.5 and 1.0, ten to twenty times SAM's radius.
 
-**Random numbers.** ``z`` comes from dedicated `torch.Generator` objects on the parameters'
-devices, never from torch's global generators, so it is independent of the data order and of
-dropout and leaves both untouched. In perturbation number ``k`` (0-based, counted over the run),
-the part of ``z`` for trainable parameter number ``i`` (in ``model.named_parameters()`` order) is
-``torch.randn`` of the parameter's shape in float32 from a generator seeded with `direction_seed`
-``(args.seed, stream, k, i)``. The stream is the process index under ``sam_scope="micro"`` (each
-process draws its own directions) and ``all`` under ``sam_scope="step"`` (one direction per step,
-the same on every process). (Every part has its own seed, so the parts do not depend on the order
-in which they are drawn.) Under FSDP2 every process draws each parameter's whole part (the same
-on every process) and keeps the rows it holds: ``z`` and its norm are those of the unsharded run,
-at the cost of one whole parameter's draw at a time. The count ``k`` is saved with checkpoints, so a resumed run draws exactly the directions
-the uninterrupted run would have drawn.
+**Random numbers.** ``z`` comes from a dedicated `torch.Generator` on the parameters' device (one
+for the run, reseeded for each perturbation), never from torch's global generators, so it is
+independent of the data order and of dropout and leaves both untouched. Perturbation number ``k``
+(0-based, counted over the run) seeds it with `direction_seed` ``(args.seed, stream, k, 0)`` and
+draws the parts of ``z`` in turn, for the trainable parameters in ``model.named_parameters()``
+order: ``torch.randn`` of each parameter's shape, in float32. The stream is the process index under
+``sam_scope="micro"`` (each process draws its own directions) and ``all`` under
+``sam_scope="step"`` (one direction per step, the same on every process). Under FSDP2 every
+process draws each parameter's whole part (the same on every process) and keeps the rows it
+holds: ``z`` and its norm are those of the unsharded run, at the cost of one whole parameter's
+draw at a time. The count ``k`` is saved with checkpoints, so a resumed run draws exactly the
+directions the uninterrupted run would have drawn. Nothing is read on the host: the norm stays a
+tensor on the device.
 """
 
 import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..sharding import shard_of
+from ..sharding import local
 from .two_pass import TwoPassMethod
 
 #: Added to the norm, as in SAM, so that the division never meets zero.
 EPS = 1e-12
+#: ``z`` is drawn in this many segments of its flat layout, each from a generator of its own (on the
+#: CPU side by side). A constant, so that ``z`` is the same on every machine and thread count.
+SEGMENTS = 8
 #: Version of the layout of this method's part of the flat state file.
 STATE_VERSION = "1"
+
+
+def segment_pieces(sizes: list[int], segments: int) -> list[list[tuple[int, int, int]]]:
+    """How ``z``'s flat layout (the parameters of `sizes` elements, flattened and concatenated in
+    order) falls into `segments` consecutive segments of ``ceil(N / segments)`` elements: per
+    segment, its pieces ``(parameter, begin, end)``, a range of that parameter's flattened elements."""
+    total = sum(sizes)
+    length = max(1, -(-total // segments))
+    pieces, offset = [[] for _ in range(segments)], 0
+    for i, size in enumerate(sizes):
+        position = 0
+        while position < size:
+            j = (offset + position) // length
+            end = min(size, (j + 1) * length - offset)
+            pieces[j].append((i, position, end))
+            position = end
+        offset += size
+    return pieces
 
 
 def direction_seed(seed: int, stream: str, index: int, part: int) -> int:
@@ -57,22 +81,57 @@ class AverageSAM(TwoPassMethod):
         super().__init__(**schedule_and_scope)
         self.rho, self.seed, self.process_index = rho, seed, process_index
         self.draws = 0  # perturbations drawn so far in this run (k)
+        self._generators = {}  # (segment, device) -> the generator that segment of z is drawn from
+        self._pool = None  # the threads that draw the segments side by side on the CPU
 
     def perturbation(self, names, params, grads=None):
         if not params:
             return []
         stream = "all" if self.scope == "step" else str(self.process_index)
         index, self.draws = self.draws, self.draws + 1
+        device = params[0].device
+        # FSDP2: this process holds rows of a parameter (`rows`), a contiguous range of its flattened whole
+        rows = [r if r and r.shape else None for r in (self.rows or [None] * len(params))]
+        whole = [r.shape if r else tuple(p.shape) for r, p in zip(rows, params)]
+        sizes = [math.prod(shape) for shape in whole]
+        held = [(r.start * (n // r.shape[0]), r.stop * (n // r.shape[0])) if r else (0, n) for r, n in zip(rows, sizes)]
+        z = [torch.empty(hi - lo, device=p.device, dtype=torch.float32) for (lo, hi), p in zip(held, params)]
+        squares = [None] * SEGMENTS  # per segment: the sum of its squares (the norm is that of the whole z)
 
-        z, norms = [], []
-        for i, p in enumerate(params):  # drawn in float32, kept in the parameter's dtype: z takes one copy of w
-            rows = self.rows[i] if self.rows is not None else None
-            generator = torch.Generator(device=p.device).manual_seed(direction_seed(self.seed, stream, index, i))
-            zi = torch.randn(rows.shape if rows else p.shape, generator=generator, device=p.device, dtype=torch.float32)
-            norms.append(torch.linalg.vector_norm(zi).to(params[0].device))
-            z.append(shard_of(zi, rows).to(p.dtype) if rows else zi.to(p.dtype))
-        torch._foreach_mul_(z, self.rho / (torch.linalg.vector_norm(torch.stack(norms)) + EPS))
+        def draw(j, pieces):
+            generator = self._generator(j, device).manual_seed(direction_seed(self.seed, stream, index, j))
+            total = torch.zeros((), device=device, dtype=torch.float64)
+            for i, begin, end in pieces:
+                lo, hi = held[i]
+                if lo <= begin and end <= hi:  # drawn in place
+                    piece = z[i][begin - lo : end - lo].normal_(generator=generator)
+                else:  # (FSDP) drawn whole, to keep the stream; this process keeps its rows of it
+                    piece = torch.empty(end - begin, device=device, dtype=torch.float32).normal_(generator=generator)
+                    start, stop = max(lo, begin), min(hi, end)
+                    if start < stop:
+                        z[i][start - lo : stop - lo].copy_(piece[start - begin : stop - begin])
+                total += torch.dot(piece, piece).to(device, torch.float64)
+            squares[j] = total
+
+        work = list(enumerate(segment_pieces(sizes, SEGMENTS)))
+        if device.type == "cpu" and torch.get_num_threads() > 1:  # on the CPU the segments are drawn side by side
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(min(SEGMENTS, torch.get_num_threads()))
+            list(self._pool.map(lambda item: draw(*item), work))
+        else:
+            for item in work:
+                draw(*item)
+        z = [zi.view(local(p).shape if r else p.shape).to(p.dtype) for zi, p, r in zip(z, params, rows)]
+        torch._foreach_mul_(z, self.rho / (torch.stack(squares).sum().sqrt() + EPS))
         return z
+
+    def _generator(self, segment: int, device) -> torch.Generator:
+        """This run's generator of `segment` on `device` (made once: building generators every step
+        costs time)."""
+        key = (segment, device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device)
+        return self._generators[key]
 
     def add_perturbation(self, params, e):
         """``w <- w + e``, parameter by parameter, each ``e`` released as its copy of ``w`` is made:

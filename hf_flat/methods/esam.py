@@ -39,11 +39,13 @@ micro-batch's loss at ``w + e`` (from the selection pass), so ``sharpness`` is i
 **Random numbers.** ``S`` comes from a dedicated generator, as average SAM's directions do
 (`esam_subset`): perturbation number ``k`` of process ``r`` draws from a seed hashed from
 ``(args.seed, "esam/r", k)``. The count ``k`` is saved with checkpoints (``esam_draws``), so a
-resumed run draws the same subsets. A non-finite ``g`` is not perturbed and pass 2 runs on the
-whole micro-batch at ``w``, so that the GradScaler sees the overflow and skips the step.
+resumed run draws the same subsets. A non-finite ``g`` gives a non-finite ``e``, so pass 2's
+gradient is non-finite and the GradScaler skips the step. The selection and the selected samples'
+share of the counted items stay tensors on the device: nothing is read on the host.
 """
 
 import math
+import random
 
 import torch
 import torch.nn.functional as F
@@ -59,13 +61,13 @@ STATE_VERSION = "1"
 
 def esam_subset(seed: int, stream: str, index: int, n: int, beta: float) -> list[bool]:
     """Which of the `n` trainable parameter tensors (in ``named_parameters()`` order) ESAM
-    perturbation number `index` of `stream` perturbs: each with probability `beta`, from a CPU
+    perturbation number `index` of `stream` perturbs: each with probability `beta`, from Python's
     generator seeded with `direction_seed(seed, "esam/<stream>", index, 0)`. If none is drawn
     (probability ``(1 - beta)^n``), or none that the model's forward uses (`ESAM` learns which from
     its first pass 1, which computes every tensor's gradient), ESAM perturbs every tensor with
     ``rho`` unscaled, as for beta = 1."""
-    generator = torch.Generator().manual_seed(direction_seed(seed, f"esam/{stream}", index, 0))
-    return (torch.rand(n, generator=generator, dtype=torch.float64) < beta).tolist()
+    draw = random.Random(direction_seed(seed, f"esam/{stream}", index, 0))  # (Python's: no tensor to read back)
+    return [draw.random() < beta for _ in range(n)]
 
 
 def per_sample_losses(
@@ -124,10 +126,8 @@ class ESAM(TwoPassMethod):
         self._scale_beta = beta  # beta of the current draw (1 for an empty draw)
 
     def perturbation(self, names, params, grads):
-        norm = self.norm(grads)
-        if not math.isfinite(norm):
-            return None
-        torch._foreach_mul_(grads, self.rho / self._scale_beta / (norm + EPS))
+        if grads:  # (on the device: a non-finite g gives a non-finite e, and the GradScaler skips the step)
+            torch._foreach_mul_(grads, self.rho / self._scale_beta / (self.norm(grads) + EPS))
         return grads
 
     def _two_passes(self, trainer, model, named, params, inputs, num_items_in_batch, share, sync, copy=None):
@@ -176,14 +176,11 @@ class ESAM(TwoPassMethod):
         e = self.perturbation([named[i][0] for i in active], active_params, [params[i].grad for i in active])
         saved = _add_perturbation(active_params, e, into=copy)
         for p, acc in zip(params, accumulated):
-            if e is None and p.grad is not None:
-                p.grad = p.grad if acc is None else acc.add_(p.grad)
-            else:
-                p.grad = acc
+            p.grad = acc
         try:
             selected, items = inputs, num_items_in_batch
             perturbed = loss
-            if e is not None:
+            if e:  # (empty: no trainable tensor received a gradient)
                 del e
                 with torch.no_grad(), frozen_batchnorm_statistics(model):
                     at_e, seen = trainer.loss_and_outputs(model, inputs, num_items_in_batch)
@@ -199,9 +196,10 @@ class ESAM(TwoPassMethod):
             _restore(active_params, saved)
         return loss, perturbed, saved
 
-    def select(self, inputs: dict, rise: torch.Tensor, counted: torch.Tensor, two_or_more=False) -> tuple[dict, float]:
+    def select(self, inputs: dict, rise: torch.Tensor, counted: torch.Tensor, two_or_more=False):
         """The ``ceil(gamma * n)`` samples of `inputs` with the largest loss `rise` (in batch order),
-        at least two if `two_or_more` (BatchNorm), and their share of the micro-batch's counted items."""
+        at least two if `two_or_more` (BatchNorm), and their share of the micro-batch's counted items
+        (a tensor on the device: the selection reads nothing on the host)."""
         n = rise.shape[0]
         keep = max(2 if two_or_more else 1, math.ceil(self.gamma * n))
         if keep >= n:
@@ -213,8 +211,9 @@ class ESAM(TwoPassMethod):
                 chosen[key] = value[index.to(value.device)]
             else:
                 chosen[key] = value
-        total = counted.sum().item()
-        return chosen, (counted[index].sum().item() / total) if total else keep / n
+        total = counted.sum()
+        share = torch.where(total > 0, counted[index].sum() / total.clamp(min=1), keep / n)
+        return chosen, share
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self):

@@ -30,8 +30,8 @@ its own gradients, and the step's gradient is the average over processes of the 
 micro-batches' directions: under DDP pass 2 runs without all-reduce and the directions are
 averaged after the last micro-batch, as the authors do ("decompose per worker, then synchronize").
 Under ``"step"`` (and under FSDP) the step's all-reduced ``g`` and ``g_p`` are decomposed once. A
-non-finite ``g`` is not perturbed (as in SAM); a non-finite ``g_p`` makes the direction non-finite,
-so the GradScaler skips the step.
+non-finite ``g`` or ``g_p`` makes the direction non-finite, so the GradScaler skips the step; the
+scalars stay on the device.
 """
 
 import math
@@ -79,21 +79,23 @@ class GSAM(TwoPassMethod):
 
     def descend(self, params, e, grads):
         """``g_p <- g_p - alpha * g_perp`` in place, with ``g = e * (||g|| + eps) / rho``:
-        ``g_p - alpha g_perp = (1 + alpha cos ||g|| / ||g_p||) g_p - alpha (||g|| + eps) / rho * e``.
+        ``g_p - alpha g_perp = (1 + alpha cos ||g|| / ||g_p||) g_p - alpha (||g|| + eps) / rho * e``,
+        every scalar a tensor on the device (nothing is read on the host). A non-finite ``g_p``
+        makes the direction non-finite, so that the GradScaler skips the step.
 
         With ``rho_t = 0`` (``gsam_rho_min=0`` at the run's smallest learning rate) ``e = 0``, so
         ``g_p = g``, ``g_perp = 0`` and the direction is ``g_p`` as it is."""
-        if self.rho == 0:
+        if self.rho == 0 or not grads:
             return
         g_norm = self._g_norm
         g_p_norm = self.norm(grads)
         inner = self.dot(e, grads) * (g_norm + EPS) / self.rho  # <g, g_p>
         cos = inner / (g_norm * g_p_norm + EPS)
         scale = 1.0 + self.alpha * cos * g_norm / (g_p_norm + EPS)
-        if not math.isfinite(scale):  # g_p is not finite: make sure the step's gradient says so
-            scale = math.nan
+        scale = torch.where(torch.isfinite(scale), scale, torch.full_like(scale, math.nan))
         torch._foreach_mul_(grads, scale)
-        torch._foreach_add_(grads, e, alpha=-self.alpha * (g_norm + EPS) / self.rho)
+        torch._foreach_mul_(e, -self.alpha * (g_norm + EPS) / self.rho)  # (e is not needed after this)
+        torch._foreach_add_(grads, e)
 
 
 def learning_rate_range(trainer) -> tuple[float, float]:

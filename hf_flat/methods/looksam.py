@@ -27,14 +27,14 @@ so LookSAM holds one copy of the trainable weights between steps (``g_v``) and t
 
 ``g_v`` is saved with every checkpoint (``looksam.g_v.<name>`` in ``hf_flat_state.safetensors``) and
 restored on resume. Mixed precision: ``g_v`` is scale-free in the rule above, so loss scaling does
-not change the step. A non-finite ``g`` on a SAM step skips pass 2 (the GradScaler skips the step)
-and a non-finite ``g_s`` leaves no ``g_v``; in both cases, and before the first SAM step, the other
-steps are plain steps until the next SAM step sets ``g_v``. A non-finite ``g`` on another step is left
-as it is, for the GradScaler.
+not change the step. A non-finite ``g`` or ``g_s`` on a SAM step makes that step's gradient
+non-finite (the GradScaler skips the step) and leaves ``g_v = 0``, so the steps up to the next SAM
+step are plain steps, as they are before the first one. A non-finite ``g`` on another step stays
+non-finite, for the GradScaler. All of it is decided on the device, without reading a value on the
+host.
 """
 
 import json
-import math
 
 import torch
 
@@ -78,31 +78,35 @@ class LookSAM(TwoPassMethod):
         return sam_perturbation(grads, self.rho, self.norm)
 
     def descend(self, params, e, grads):
-        """``g_v = g_s - (<g_s, e> / ||e||^2) e``, computed in ``e``'s memory; ``g_s`` stays the step's gradient."""
+        """``g_v = g_s - (<g_s, e> / ||e||^2) e``, computed in ``e``'s memory; ``g_s`` stays the step's
+        gradient. Every scalar stays on the device; a non-finite ``g_s`` leaves ``g_v = 0`` (the
+        GradScaler skips this step, and the steps up to the next SAM step are plain steps)."""
         e_norm = self.norm(e)
         coefficient = -self.dot(grads, e) / (e_norm * e_norm + EPS)
-        if not math.isfinite(coefficient) or not math.isfinite(self.norm(grads)):
-            self.g_v = None  # g_s is not finite: the GradScaler skips this step, and no g_v is kept
-            return
+        finite = torch.isfinite(coefficient) & torch.isfinite(self.norm(grads))
         torch._foreach_mul_(e, coefficient)
         torch._foreach_add_(e, grads)
+        for t in e:
+            t.masked_fill_(~finite, 0.0)
         self.g_v = dict(zip(self._names, e))
         self._g_v_rows = dict(zip(self._names, self.rows)) if self.group is not None else None
 
     @torch.no_grad()
     def _look(self, model):
-        """On a step without SAM: ``g <- g + alpha * ||g|| / ||g_v|| * g_v`` (after the all-reduce)."""
+        """On a step without SAM: ``g <- g + alpha * ||g|| / ||g_v|| * g_v`` (after the all-reduce;
+        a non-finite ``g`` stays non-finite, for the GradScaler)."""
         if self.g_v is None:
             return
         params = {n: p for n, p in model.named_parameters() if n in self.g_v and p.grad is not None}
         names = list(params)
         self.group = shard_group(params.values())
         grads = [local(params[n].grad) for n in names]
+        if not grads:
+            return
         g_v = [self.g_v[n] for n in names]
         g_norm, v_norm = self.norm(grads), self.norm(g_v)
-        if not math.isfinite(g_norm):
-            return  # left for the GradScaler to see
-        torch._foreach_add_(grads, g_v, alpha=self.alpha * g_norm / (v_norm + EPS))
+        coefficient = self.alpha * g_norm / (v_norm + EPS)
+        torch._foreach_addcmul_(grads, g_v, [coefficient] * len(g_v))  # (no temporary copy of g_v)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self):

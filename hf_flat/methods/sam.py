@@ -15,12 +15,11 @@ SamsungLabs code):
 
 The norms run over all perturbed parameters together (under FSDP2 over all processes' rows,
 `TwoPassMethod.norm`; ``T`` is elementwise, so each process computes it for its own rows). Both functions compute ``e`` in place in
-the gradient tensors (no extra memory) and return `None` when the norm is not finite, so a
-GradScaler overflow never turns into NaN weights. Because ``e`` is scale-invariant in ``g``,
-gradients still multiplied by an fp16 loss scale give the same ``e``.
+the gradient tensors (no extra memory), on the device: a GradScaler overflow gives a non-finite
+``e`` and so a non-finite pass-2 gradient, and the GradScaler skips the step (`hf_flat.methods.two_pass`).
+Because ``e`` is scale-invariant in ``g``, gradients still multiplied by an fp16 loss scale give
+the same ``e``.
 """
-
-import math
 
 import torch
 
@@ -30,19 +29,17 @@ from .two_pass import TwoPassMethod, global_norm
 EPS = 1e-12
 
 
-def sam_perturbation(grads: list[torch.Tensor], rho: float, norm_of=global_norm) -> list[torch.Tensor] | None:
-    """e = rho * g / ||g||, in place in `grads` (`norm_of`: the norm of tensors taken together)."""
-    norm = norm_of(grads)
-    if not math.isfinite(norm):
-        return None
+def sam_perturbation(grads: list[torch.Tensor], rho: float, norm_of=global_norm) -> list[torch.Tensor]:
+    """e = rho * g / ||g||, in place in `grads` (`norm_of`: the norm of tensors taken together, a
+    tensor on the device: nothing is read on the host; a non-finite g gives a non-finite e)."""
     if grads:  # torch's foreach ops refuse empty lists
-        torch._foreach_mul_(grads, rho / (norm + EPS))
+        torch._foreach_mul_(grads, rho / (norm_of(grads) + EPS))
     return grads
 
 
 def asam_perturbation(
     names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, eta: float, norm_of=global_norm
-) -> list[torch.Tensor] | None:
+) -> list[torch.Tensor]:
     """e = rho * T^2 g / ||T g|| with T = |w| + eta on parameters named '*weight*', in place in `grads`."""
     weights = [p.detach() for name, p in zip(names, params) if "weight" in name]
     weight_grads = [g for name, g in zip(names, grads) if "weight" in name]
@@ -52,8 +49,6 @@ def asam_perturbation(
         torch._foreach_add_(t, eta)
         torch._foreach_mul_(weight_grads, t)  # g <- T g
     norm = norm_of(grads)  # ||T g||
-    if not math.isfinite(norm):
-        return None
     if t is not None:
         torch._foreach_mul_(weight_grads, t)  # g <- T^2 g
     if grads:

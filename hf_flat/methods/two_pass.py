@@ -60,11 +60,17 @@ the plain Trainer's step, for each of its micro-batches.
 trainer's own `training_step` and so its `compute_loss`; only the step's pass 1 (average SAM: its
 one pass) counts in the base trainer's running metrics (`forward_backward`'s ``counted``).
 
-**Non-finite gradients** (an fp16 loss-scale overflow). If ``g`` is not finite there is no
-perturbation and ``g`` stays in the gradients, so the GradScaler sees it and skips the step. Under
-``"micro"`` pass 2 still runs (at ``w``), so that every process takes part in the same
-all-reduces; the inf or nan reaches every process through it. Under ``"step"`` ``g`` is already
-all-reduced, so every process sees the overflow and skips pass 2 alike.
+**No host synchronisation.** Every quantity of a step (norms, inner products, GSAM's and
+LookSAM's coefficients, ESAM's selection) stays a tensor on the device: nothing is read on the
+host between the step's first forward pass and its optimizer step, so on a GPU the CPU keeps
+queuing kernels while the device works (tests/test_host_syncs.py counts such reads against the
+plain Trainer's).
+
+**Non-finite gradients** (an fp16 loss-scale overflow), decided on the device: if ``g`` is not
+finite, ``e = rho g / ||g||`` is not finite either (``||g||`` is inf or nan), so pass 2 at
+``w + e`` gives a non-finite gradient, which reaches the step's gradients (through DDP's
+all-reduce, every process's), and the GradScaler skips the step as it would have skipped the plain
+one; ``w`` is restored exactly from its copy as always.
 """
 
 import contextlib
@@ -96,26 +102,17 @@ def frozen_batchnorm_statistics(model: nn.Module):
             layer.track_running_stats = True
 
 
-def global_norm(tensors: list[torch.Tensor]) -> float:
-    """The 2-norm of all `tensors` taken together (inf or nan if any element is).
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all `tensors` taken together, as a float64 tensor on their device (inf or nan
+    if any element is), read by no one on the host: computing it does not wait for the device.
 
-    Gradients still multiplied by a large fp16 loss scale can overflow the sum of squares while
-    every element is finite; the norm is then recomputed on the tensors divided by their largest
-    magnitude.
-    """
+    The sums of squares are accumulated in float64, so gradients still multiplied by a large loss
+    scale do not overflow them while every element is finite."""
     if not tensors:
-        return 0.0
-    norm = _norm_of_norms(torch._foreach_norm(tensors), tensors[0].device).item()
-    if math.isinf(norm):
-        largest = max(n.item() for n in torch._foreach_norm(tensors, math.inf))
-        if math.isfinite(largest):
-            scaled = torch._foreach_div(tensors, largest)
-            norm = largest * _norm_of_norms(torch._foreach_norm(scaled), tensors[0].device).item()
-    return norm
-
-
-def _norm_of_norms(norms, device):
-    return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=torch.float32) for n in norms]))
+        return torch.zeros((), dtype=torch.float64)
+    device = tensors[0].device
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
 def start_step(fraction: float, total_steps: int) -> int:
@@ -216,9 +213,8 @@ class TwoPassMethod(ABC):
     def perturbation(
         self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor] | None
     ) -> list[torch.Tensor] | None:
-        """Return ``e`` for each of `params` (for gradient-based methods computed in place in `grads`).
-
-        Return `None` (with `grads` left non-finite) if the gradient is not finite.
+        """Return ``e`` for each of `params` (for gradient-based methods computed in place in `grads`),
+        without reading anything on the host (a non-finite gradient gives a non-finite ``e``).
 
         Under sharded training `params` and `grads` are this process's rows of each parameter,
         which lie at `self.rows` in the whole ones; norms over all parameters come from `norm`.
@@ -228,19 +224,21 @@ class TwoPassMethod(ABC):
         """(`separate_pass_2` methods) Turn pass 2's gradient `grads`, taken at ``w + e`` on the same
         samples as ``e``, into this group's descent direction, in place."""
 
-    def dot(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-        """The inner product of two lists of tensors, over all processes' rows when sharded."""
+    def dot(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        """The inner product of two lists of tensors (a float64 tensor on their device), over all
+        processes' rows when sharded."""
         if not a:
-            return 0.0
+            return torch.zeros((), dtype=torch.float64)
         dots = [torch.dot(x.reshape(-1).float(), y.reshape(-1).float()).to(a[0].device) for x, y in zip(a, b)]
-        own = torch.stack(dots).double().sum().item()  # one synchronisation, not one per parameter
+        own = torch.stack(dots).double().sum()
         return own if self.group is None else sum_over_shards(own, self.group)
 
-    def norm(self, tensors: list[torch.Tensor]) -> float:
-        """The 2-norm of `tensors` taken together, over all processes' rows when sharded: the square
-        root of the all-reduced sum of every process's squared norm."""
+    def norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The 2-norm of `tensors` taken together (a float64 tensor on their device), over all
+        processes' rows when sharded: the square root of the all-reduced sum of every process's
+        squared norm."""
         own = global_norm(tensors)
-        return own if self.group is None else math.sqrt(sum_over_shards(own * own, self.group))
+        return own if self.group is None else sum_over_shards(own**2, self.group).sqrt()
 
     def _own_rows(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """The rows of `params` this process holds (views: writes reach the parameters), with
@@ -314,11 +312,7 @@ class TwoPassMethod(ABC):
         # Give the accumulated gradients back (pass 2 adds to them); this frees g, which held e
         # (unless pass 2 is taken on its own: e is kept for `descend`).
         for p, acc in zip(params, accumulated):
-            if e is None and p.grad is not None:
-                # g is not finite: keep it, so the optimizer step (and the GradScaler) sees it
-                p.grad = p.grad if acc is None else acc.add_(p.grad)
-            else:
-                p.grad = None if separate else acc
+            p.grad = None if separate else acc
         if not separate:
             del e
         try:
@@ -359,8 +353,6 @@ class TwoPassMethod(ABC):
             sharded = [p for _, p in active]
             params = self._own_rows(sharded)
             e = self.perturbation([n for n, _ in active], params, [local(p.grad) for p in sharded])
-            if e is None:  # the step's gradient is not finite on every process: the GradScaler skips the step
-                return PassLosses(loss, window_loss, torch.zeros_like(window_loss))
             for p in sharded:
                 p.grad = None  # g (now e) leaves the gradients; pass 2 accumulates afresh
         else:
@@ -449,7 +441,7 @@ def _add(total, value):
 def _add_perturbation(params: list[torch.Tensor], e: list[torch.Tensor] | None, into=None) -> list[torch.Tensor] | None:
     """``w <- w + e`` in place; returns the copy of ``w`` that restores it (None: nothing was added),
     written into the tensors `into` when they fit (a copy made for an earlier chunk)."""
-    if not e:  # None: g is not finite; []: no parameter received a gradient
+    if not e:  # no parameter received a gradient
         return None
     with torch.no_grad():
         if into is not None and [t.shape for t in into] == [p.shape for p in params]:
