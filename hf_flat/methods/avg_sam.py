@@ -38,8 +38,8 @@ from .two_pass import TwoPassMethod
 
 #: Added to the norm, as in SAM, so that the division never meets zero.
 EPS = 1e-12
-#: ``z`` is drawn in this many segments of its flat layout, each from a generator of its own (on the
-#: CPU side by side). A constant, so that ``z`` is the same on every machine and thread count.
+#: ``z`` is drawn in this many segments of its flat layout, each from a generator of its own. A
+#: constant, so that ``z`` is the same on every machine.
 SEGMENTS = 8
 #: Version of the layout of this method's part of the flat state file.
 STATE_VERSION = "1"
@@ -82,7 +82,7 @@ class AverageSAM(TwoPassMethod):
         self.rho, self.seed, self.process_index = rho, seed, process_index
         self.draws = 0  # perturbations drawn so far in this run (k)
         self._generators = {}  # (segment, device) -> the generator that segment of z is drawn from
-        self._pool = None  # the threads that draw the segments side by side on the CPU
+        self._pool = None  # on the CPU: the threads that draw the segments side by side
 
     def perturbation(self, names, params, grads=None):
         if not params:
@@ -91,16 +91,16 @@ class AverageSAM(TwoPassMethod):
         index, self.draws = self.draws, self.draws + 1
         device = params[0].device
         # FSDP2: this process holds rows of a parameter (`rows`), a contiguous range of its flattened whole
-        rows = [r if r and r.shape else None for r in (self.rows or [None] * len(params))]
+        sharded = self.group is not None
+        rows = [r if sharded and r and r.shape else None for r in (self.rows or [None] * len(params))]
         whole = [r.shape if r else tuple(p.shape) for r, p in zip(rows, params)]
         sizes = [math.prod(shape) for shape in whole]
         held = [(r.start * (n // r.shape[0]), r.stop * (n // r.shape[0])) if r else (0, n) for r, n in zip(rows, sizes)]
         z = [torch.empty(hi - lo, device=p.device, dtype=torch.float32) for (lo, hi), p in zip(held, params)]
-        squares = [None] * SEGMENTS  # per segment: the sum of its squares (the norm is that of the whole z)
+        squares = []  # (FSDP) the sums of squares of the whole parameters' parts, drawn piece by piece
 
         def draw(j, pieces):
             generator = self._generator(j, device).manual_seed(direction_seed(self.seed, stream, index, j))
-            total = torch.zeros((), device=device, dtype=torch.float64)
             for i, begin, end in pieces:
                 lo, hi = held[i]
                 if lo <= begin and end <= hi:  # drawn in place
@@ -110,19 +110,25 @@ class AverageSAM(TwoPassMethod):
                     start, stop = max(lo, begin), min(hi, end)
                     if start < stop:
                         z[i][start - lo : stop - lo].copy_(piece[start - begin : stop - begin])
-                total += torch.dot(piece, piece).to(device, torch.float64)
-            squares[j] = total
+                if sharded:
+                    squares.append(torch.dot(piece, piece).to(device, torch.float64))
 
         work = list(enumerate(segment_pieces(sizes, SEGMENTS)))
-        if device.type == "cpu" and torch.get_num_threads() > 1:  # on the CPU the segments are drawn side by side
+        if device.type == "cpu" and not sharded and torch.get_num_threads() > 1:
+            # on the CPU the segments are drawn side by side (`normal_` with a generator runs on one
+            # core); the threads run nothing else, so no other thread pool wakes up in them
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(min(SEGMENTS, torch.get_num_threads()))
+                self._pool = ThreadPoolExecutor(torch.get_num_threads())
             list(self._pool.map(lambda item: draw(*item), work))
         else:
             for item in work:
                 draw(*item)
+        if sharded:
+            norm = torch.stack(squares).sum().sqrt()
+        else:  # (float32 suffices for Gaussian entries)
+            norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in torch._foreach_norm(z)]))
         z = [zi.view(local(p).shape if r else p.shape).to(p.dtype) for zi, p, r in zip(z, params, rows)]
-        torch._foreach_mul_(z, self.rho / (torch.stack(squares).sum().sqrt() + EPS))
+        torch._foreach_mul_(z, self.rho / (norm + EPS))
         return z
 
     def _generator(self, segment: int, device) -> torch.Generator:
@@ -134,17 +140,32 @@ class AverageSAM(TwoPassMethod):
         return self._generators[key]
 
     def add_perturbation(self, params, e):
-        """``w <- w + e``, parameter by parameter, each ``e`` released as its copy of ``w`` is made:
-        the two together never take more than one copy of the weights (and one parameter)."""
+        """``w <- w + e``, parameter by parameter, each ``e`` released as it is used: the weights
+        ``w`` are kept as they are (the parameter gets the new tensor ``w + e``, and `restore` gives
+        it ``w`` back: no copy is made either way); under FSDP2, whose rows are views into the
+        sharded parameters, ``w`` is copied first. Never more than one copy of the weights (and one
+        parameter) besides them."""
         if not e:
             return None
         saved = []
         with torch.no_grad():
             for i, p in enumerate(params):
-                saved.append(p.detach().clone())
-                p.add_(e[i])
+                if self.group is None:
+                    saved.append(p.data)
+                    p.data = p.data + e[i]
+                else:
+                    saved.append(p.detach().clone())
+                    p.add_(e[i])
                 e[i] = None
         return saved
+
+    def restore(self, params, saved):
+        if saved is None:
+            return
+        if self.group is not None:
+            return super().restore(params, saved)
+        for p, w in zip(params, saved):
+            p.data = w
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -250,6 +250,10 @@ class TwoPassMethod(ABC):
         """``w <- w + e`` in place; returns the copy of ``w`` that restores it exactly (None: nothing added)."""
         return _add_perturbation(params, e)
 
+    def restore(self, params: list[torch.Tensor], saved: list[torch.Tensor] | None):
+        """``w`` back, bit for bit, from what `add_perturbation` returned."""
+        _restore(params, saved)
+
     # ---- when ----------------------------------------------------------------------------------
     def perturbs_step(self, step: int, total_steps: int) -> bool:
         """Whether optimizer step `step` (1-based) of `total_steps` is a perturbed step."""
@@ -384,7 +388,7 @@ class TwoPassMethod(ABC):
                 with sync, frozen_batchnorm_statistics(model) if frozen else contextlib.nullcontext():
                     total = _add(total, trainer.forward_backward(model, batch, items, share, counted=counted))
         finally:
-            _restore(params, saved)
+            self.restore(params, saved)
         return total
 
     def _chunks(self, trainer, inputs) -> list[tuple[dict, float]]:
