@@ -165,9 +165,9 @@ CASES = {
     "vit_b100": dict(group="vit", model="vit", batch=100, precision="bf16", methods=SUBSET,
                      label="ViT-B/16, batch 100, 224x224, bf16"),
     "lm": dict(group="lm", model="lm", batch=8, seq=512, precision="bf16", methods=SUBSET,
-               label="causal LM (Llama-style, 124M), batch 8 x 512 tokens, bf16"),
+               label="Causal LM (Llama-style, 124M), batch 8 x 512 tokens, bf16"),
     "lm_lora": dict(group="lm", model="lm_lora", batch=8, seq=512, precision="bf16", methods=SUBSET,
-                    label="the same LM with LoRA (r 16, q/k/v/o), batch 8 x 512 tokens, bf16"),
+                    label="The same LM with LoRA (r 16, q/k/v/o), batch 8 x 512 tokens, bf16"),
 }
 #: dropped in this order when the estimate passes --budget_minutes
 OPTIONAL_CASES = ["vit_b100", "lm_lora", "lm", "vit_b32_fp16"]
@@ -485,6 +485,7 @@ def child(opts):
         f"{torch.get_num_threads()} threads)", "cuda": cuda, "torch": torch.__version__, "cuda_version": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None, "transformers": transformers.__version__,
         "model_counts": counts, "precision_used": precision_used, "fp16_note": fp16_note, "build_s": built_s,
+        "hf_flat_path": os.path.dirname(os.path.abspath(sys.modules["hf_flat"].__file__)),
     }
     warmed_s = None
     for name in ("accelerate", "peft"):
@@ -804,8 +805,10 @@ def markdown(rep):
         f"- device: {m['device']}; CPU: {m['cpu']}",
         f"- torch {m['torch']} (CUDA {m['cuda']}, cuDNN {m['cudnn']}), transformers {m['transformers']}, accelerate "
         f"{m['accelerate']}, peft {m['peft']}, Python {m['python']}; hf_flat {m['hf_flat_commit']}",
-        f"- each run: {s['warmup']} untimed warm-up steps, then {s['steps']} timed optimizer steps (CUDA events at "
-        f"each step's end, no added synchronisation); {s['rounds']} rounds interleaved across methods (alternate "
+        f"- each run: {s['warmup']} untimed warm-up steps, then {s['steps']} timed optimizer steps ("
+        + ("`time.perf_counter` at each step's end, on the CPU" if rep["dry_run"] else
+           "CUDA events at each step's end, no added synchronisation")
+        + f"); {s['rounds']} rounds interleaved across methods (alternate "
         f"rounds in reverse order); data set of {s['epoch_steps']} batches (an epoch), on the device; AdamW "
         "(fused on CUDA), learning rate 1e-4 constant",
         f"- estimated on an H100-class GPU: {rep['estimate_h100_s'] / 60:.1f} min; took {rep['elapsed_s'] / 60:.1f} min "
@@ -879,8 +882,10 @@ def markdown(rep):
     for case, rows in rep["results"].items():
         spec = s["cases"][case]
         plain = rows.get("plain")
-        lines += ["", f"## {spec['label']} (`{case}`)" + (f", dry-run batch {spec['batch']}" if rep["dry_run"] else ""),
-                  ""]
+        used = next((i.get("precision_used", {}).get(case) for i in rep["processes"].values()
+                     if case in i.get("precision_used", {})), None)
+        lines += ["", f"## {spec['label']} (`{case}`)" + (f", dry-run batch {spec['batch']}" if rep["dry_run"] else "")
+                  + (f", run in {used}" if used and used != spec["precision"] else ""), ""]
         if plain:
             lines += [f"Plain Trainer: {plain['step_ms']:.2f} ms per step (median), {plain['whole_run_ms']:.2f} ms over "
                       "the run.", ""]
