@@ -7,7 +7,8 @@ inside the run, every piece of the step by wrapping it (hf_flat itself is not ch
   `training_step` for ``plain``), with the number of passes per step;
 - ``perturbation``: the method's ``e`` (SAM: the global norm and the in-place scaling; average SAM:
   ``randn``, the norm and the scaling);
-- ``w+e``: `_add_perturbation` (the clone of ``w`` and the add); ``restore``: `_restore`;
+- ``w+e``: `_add_perturbation` (the clone of ``w`` and the add; average SAM: the rest of its
+  `perturb`, ``w + e`` in its buffer); ``restore``: `_restore`;
 - ``other``: the rest of the optimizer step (data, clipping, AdamW, zero_grad, the Trainer's own work).
 
 Then, outside any Trainer, the cost of single operations on the trainable weights (randn with a
@@ -103,11 +104,19 @@ def profile_preset(name, sizes):
     if name == "plain":
         Trainer.training_step = timed("fwd+bwd", Trainer.training_step)
     two_pass._add_perturbation = timed("w+e", two_pass._add_perturbation)  # the module function (SAM, ASAM)
-    for cls in two_pass.TwoPassMethod.__subclasses__():  # (the base class's calls _add_perturbation)
-        if "add_perturbation" in vars(cls):  # a method's own w <- w + e (average SAM: parameter by parameter)
-            cls.add_perturbation = timed("w+e", vars(cls)["add_perturbation"])
     two_pass._restore = timed("restore", two_pass._restore)
-    AverageSAM.perturbation = timed("perturbation", AverageSAM.perturbation)
+    # average SAM: `perturb` draws z and its norm (`_direction`, "perturbation") and then makes w + e
+    AverageSAM._direction = timed("perturbation", AverageSAM._direction)
+    perturb = timed("w+e and perturbation", AverageSAM.perturb)
+
+    def average_sam_perturb(*a, **k):
+        before = spent["perturbation"]
+        result = perturb(*a, **k)
+        spent["w+e"] += spent.pop("w+e and perturbation") - (spent["perturbation"] - before)
+        counts["w+e"] += counts.pop("w+e and perturbation")
+        return result
+
+    AverageSAM.perturb = average_sam_perturb
     sam_module.SAM.perturbation = timed("perturbation", sam_module.SAM.perturbation)
 
     model, Tokens = build(sizes)
@@ -200,8 +209,9 @@ def live_tensors(sizes, name):
 
     two_pass._add_perturbation = measured(two_pass._add_perturbation)
     for cls in [two_pass.TwoPassMethod, *two_pass.TwoPassMethod.__subclasses__()]:
-        if "add_perturbation" in vars(cls):
-            cls.add_perturbation = measured(vars(cls)["add_perturbation"])
+        for name in ("add_perturbation", "perturb"):  # (average SAM's own `perturb` makes w + e)
+            if name in vars(cls) and (cls is not two_pass.TwoPassMethod or name == "add_perturbation"):
+                setattr(cls, name, measured(vars(cls)[name]))
     high["after w <- w + e"] = 0.0
     model.register_forward_hook(lambda *a: measure("end of forward"))
     step = Trainer.training_step

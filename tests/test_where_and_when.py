@@ -243,6 +243,79 @@ def test_average_sam_directions_follow_the_seed_and_the_count(tmp_path):
     assert not torch.allclose(finals[0], finals[1])
 
 
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads: average SAM then draws its segments side by side, in threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("settings", [
+    dict(),
+    dict(sam_m=2, gradient_accumulation_steps=2),  # several draws per optimizer step
+    dict(sam_scope="step", sam_interval=2, gradient_accumulation_steps=2),  # unperturbed steps between draws
+])
+def test_average_sam_drawn_in_threads_matches_the_hand_reference(tmp_path, monkeypatch, settings):
+    from hf_flat.methods.avg_sam import AverageSAM
+
+    threaded = []  # per draw: whether its segments were drawn in threads
+    draw = AverageSAM._draw
+
+    def recording(self, stream, index):
+        draw(self, stream, index)
+        threaded.append(self._pool is not None)
+
+    monkeypatch.setattr(AverageSAM, "_draw", recording)
+    initial = TinyNet()
+    trainer, batches = train_recorded(tmp_path, copy.deepcopy(initial), num_train_epochs=3, flat_method="avg_sam",
+                                      sam_rho=1.0, **settings)
+    total, grad_accum = trainer.state.global_step, settings.get("gradient_accumulation_steps", 1)
+    expected = reference_where_and_when(
+        initial, group_steps(batches, grad_accum, total), "avg_sam", rho=1.0, scope=settings.get("sam_scope", "micro"),
+        m=settings.get("sam_m"), perturbed_steps=scheduled(total, 0.0, settings.get("sam_interval", 1)),
+    )
+    assert_same_weights(trainer.model, expected)
+    assert len(threaded) == trainer.perturbation.draws > 2 and all(threaded)
+    # each parameter's part of the buffer is aligned as a tensor of its own (TinyNet's sizes are odd)
+    assert all(view.data_ptr() % 64 == 0 for view in trainer.perturbation._views)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])  # (the CPU's way and a GPU's)
+def test_average_sam_forms_w_plus_e_in_place_of_z(one_pass):
+    from hf_flat.methods.avg_sam import add_scaled
+
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    z = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    expected = [wi + 0.3 * zi for wi, zi in zip(w, z)]
+    buffers = list(z)
+    add_scaled(z, w, torch.tensor(0.3), one_pass=one_pass)
+    for zi, buffer, e in zip(z, buffers, expected):
+        assert zi is buffer
+        torch.testing.assert_close(zi, e)
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("layout", ["float64", "non-contiguous"])
+def test_average_sam_perturbs_parameters_its_buffer_cannot_stand_in_for(tmp_path, layout):
+    """float64 parameters, and a non-contiguous float32 one beside contiguous ones, get w + e in a
+    tensor of their own."""
+    initial, data = TinyNet(), TinyData()
+    if layout == "float64":
+        initial.double()
+        data.x = data.x.double()
+    else:
+        initial.fc2.weight.data = initial.fc2.weight.data.t().contiguous().t()  # (same values, transposed layout)
+        assert not initial.fc2.weight.is_contiguous()
+    trainer, batches = train_recorded(tmp_path, copy.deepcopy(initial), data=data, flat_method="avg_sam", sam_rho=1.0)
+    assert trainer.model.fc2.weight.dtype == (torch.float64 if layout == "float64" else torch.float32)
+    expected = reference_where_and_when(initial, group_steps(batches, 1, trainer.state.global_step), "avg_sam", rho=1.0)
+    assert_same_weights(trainer.model, expected)
+
+
 @pytest.mark.parametrize("settings", [dict(flat_method="avg_sam"), dict(flat_method="avg_sam+swa", average_start=0.3),
                                       dict(flat_method="avg_sam", sam_scope="step", sam_interval=2)])
 def test_a_resumed_average_sam_run_equals_the_uninterrupted_run(tmp_path, settings):

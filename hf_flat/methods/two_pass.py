@@ -250,8 +250,13 @@ class TwoPassMethod(ABC):
         """``w <- w + e`` in place; returns the copy of ``w`` that restores it exactly (None: nothing added)."""
         return _add_perturbation(params, e)
 
+    def perturb(self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor] | None = None):
+        """``w <- w + e`` for ``e = perturbation(names, params, grads)``; returns what `restore` takes.
+        (Average SAM computes ``w + e`` without making ``e`` first.)"""
+        return self.add_perturbation(params, self.perturbation(names, params, grads))
+
     def restore(self, params: list[torch.Tensor], saved: list[torch.Tensor] | None):
-        """``w`` back, bit for bit, from what `add_perturbation` returned."""
+        """``w`` back, bit for bit, from what `add_perturbation` (or `perturb`) returned."""
         _restore(params, saved)
 
     # ---- when ----------------------------------------------------------------------------------
@@ -288,7 +293,7 @@ class TwoPassMethod(ABC):
                 )
                 sharpness = perturbed - loss
             else:
-                saved = self.add_perturbation(params, self.perturbation([n for n, _ in named], params, None))
+                saved = self.perturb([n for n, _ in named], params)
                 with sync:
                     loss = self._at(trainer, model, params, saved, [(chunk, num_items_in_batch, share)], frozen=False,
                                     counted=True)
@@ -359,11 +364,11 @@ class TwoPassMethod(ABC):
             e = self.perturbation([n for n, _ in active], params, [local(p.grad) for p in sharded])
             for p in sharded:
                 p.grad = None  # g (now e) leaves the gradients; pass 2 accumulates afresh
+            saved = self.add_perturbation(params, e)
         else:
             sharded = [p for _, p in named]
             params = self._own_rows(sharded)
-            e = self.perturbation([n for n, _ in named], params, None)
-        saved = self.add_perturbation(params, e)
+            e, saved = None, self.perturb([n for n, _ in named], params)
         if not self.separate_pass_2:
             del e  # frees g's memory before pass 2 allocates new gradients
         groups = [(batch, items, 1) for batch, items in window]
@@ -379,7 +384,7 @@ class TwoPassMethod(ABC):
     def _at(self, trainer, model, params, saved, groups, frozen: bool, counted: bool = False) -> torch.Tensor:
         """Forward and backward passes over `groups` (``(inputs, num_items_in_batch, share)``) at
         ``w + e``, which `params` hold now; only the last one is synchronised. `params` are restored
-        exactly from `saved` (the copy `add_perturbation` returned) afterwards. `counted`: whether
+        exactly from `saved` (what `add_perturbation` or `perturb` returned) afterwards. `counted`: whether
         the passes count in the base trainer's running metrics (`forward_backward`)."""
         total = None
         try:
