@@ -168,7 +168,7 @@ class AverageSAM(TwoPassMethod):
         z = self._buffer_views([tuple(p.shape) for p in params], params[0].device)
         self._draw(stream, index)
         # (the buffer's padding is zero; float32 suffices for the norm of Gaussian entries)
-        return z, self.rho / (torch.dot(self._buffer, self._buffer).sqrt() + EPS)
+        return z, self.rho / (torch.linalg.vector_norm(self._buffer) + EPS)
 
     def _draw(self, stream: str, index: int):
         """Draw direction `index` of `stream` into the buffer, segment by segment."""
