@@ -88,9 +88,9 @@ def add_scaled(z: list[torch.Tensor], w: list[torch.Tensor], scale: torch.Tensor
 
 
 def direction_seed(seed: int, stream: str, index: int, part: int) -> int:
-    """The seed of part `part` (a parameter) of random direction number `index` of `stream`: 63 bits
-    of a SHA-256 hash, so that nearby seeds, streams, indices and parts give unrelated generators
-    (and none equals `seed` itself, from which torch's global generator is seeded)."""
+    """The seed of segment `part` (`SEGMENTS`) of random direction number `index` of `stream`: 63
+    bits of a SHA-256 hash, so that nearby seeds, streams, indices and segments give unrelated
+    generators (and none equals `seed` itself, from which torch's global generator is seeded)."""
     digest = hashlib.sha256(f"hf_flat.avg_sam/{seed}/{stream}/{index}/{part}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
