@@ -1,0 +1,42 @@
+"""benchmarks/accuracy/convergence.py in a tiny mode (so it cannot rot), and its choice of the epoch
+budget (the one-standard-error rule on paired differences) against a hand computation."""
+
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accuracy"))
+import convergence  # noqa: E402
+
+
+def test_the_one_standard_error_rule_by_hand():
+    final = {8: {0: 0.80, 1: 0.82, 2: 0.81}, 15: {0: 0.84, 1: 0.83, 2: 0.86}, 30: {0: 0.85, 1: 0.85, 2: 0.85}}
+    pick = convergence.choose(final)
+    assert pick["best"] == 30  # means 0.81, 0.8433, 0.85
+    d15 = [-0.01, -0.02, 0.01]  # 15 against 30, seed by seed
+    mean15 = sum(d15) / 3
+    se15 = math.sqrt(sum((d - mean15) ** 2 for d in d15) / 2 / 3)
+    assert math.isclose(pick["paired"][15][0], mean15) and math.isclose(pick["paired"][15][1], se15)
+    assert mean15 >= -se15 and pick["chosen"] == 15  # within one SE of the best: the smaller budget
+    # 8 is 0.04 below with an SE of 0.0058: not chosen even though it is the smallest
+    assert pick["paired"][8][0] < -pick["paired"][8][1]
+
+
+def test_the_script_runs_end_to_end_in_a_tiny_mode(tmp_path):
+    results = convergence.main(["--budgets", "1", "2", "--seeds", "0", "1", "--settings", "noise40",
+                                "--output_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "c.json"),
+                                "--markdown", str(tmp_path / "c.md"), "--extra", "--max_train_samples", "40"])
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["noise40"]["chosen"] == results["noise40"]["chosen"] in (1, 2)
+    assert len(saved["noise40"]["curves"]["epochs2-seed0"]) == 2 and len(saved["noise40"]["curve_of_longest"]) == 2
+    final = {int(b): {int(s): a for s, a in v.items()} for b, v in saved["noise40"]["final"].items()}
+    assert convergence.choose(final)["chosen"] == saved["noise40"]["chosen"]
+    assert "(chosen)" in (tmp_path / "c.md").read_text()
+    # finished runs are reused: a second call trains nothing and gives the same numbers
+    mtime = os.path.getmtime(tmp_path / "runs" / "noise40" / "epochs1-seed0" / "all_results.json")
+    again = convergence.main(["--budgets", "1", "2", "--seeds", "0", "1", "--settings", "noise40",
+                              "--output_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "c2.json"),
+                              "--markdown", str(tmp_path / "c2.md"), "--extra", "--max_train_samples", "40"])
+    assert again["noise40"]["final"] == results["noise40"]["final"]
+    assert os.path.getmtime(tmp_path / "runs" / "noise40" / "epochs1-seed0" / "all_results.json") == mtime
