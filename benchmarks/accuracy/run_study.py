@@ -136,6 +136,12 @@ def page(opts, studies):
     if os.path.isfile(reading):  # what the tables show, written by hand after the run that made them
         with open(reading) as f:
             lines += [f.read().strip(), ""]
+    convergence = os.path.join(os.path.dirname(os.path.abspath(__file__)), "convergence.md")
+    if os.path.isfile(convergence):  # the epoch budget, from benchmarks/accuracy/convergence.py
+        with open(convergence) as f:
+            lines += ["## The epoch budget: how long the plain Trainer needs", "",
+                      "From `benchmarks/accuracy/convergence.py` (its docstring gives the rule):", "",
+                      "### " + f.read().strip().split("\n## ", 1)[1].replace("\n## ", "\n### "), ""]
     plot_path = os.path.relpath(opts.plot, os.path.dirname(os.path.abspath(opts.page)))
     lines += [f"![test accuracy against training time relative to the plain Trainer]({plot_path})", ""]
     for setting, study in studies.items():
