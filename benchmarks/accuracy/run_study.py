@@ -19,7 +19,8 @@ the methods' own papers where their radius lives on another scale):
   1.0, 2.0} (Kwon et al. use 0.5-2.0); avg_sam {0.1, 0.2, 0.5, 1.0} (Boca et al. use 0.5 and 1.0);
 - averaging start in {0.5, 0.6, 0.75, 0.9} of training for swa, ema, lawa, wasam; ema_decay also in
   {0.99, 0.999} (0.999 barely moves in a run of 360 steps);
-- saf / mesa start epoch in {4, 5, 6, 7}: the same fractions of the 8 epochs; mesa_decay also in
+- saf / mesa start epoch: the same fractions of the run's epochs (`grids`: {4, 5, 6, 7} of 8, {15, 18,
+  22, 27} of 30); mesa_decay also in
   {0.99, 0.999} (its default 0.9995 is tuned for runs of hundreds of epochs);
 - looksam_alpha in {0.1, 0.3, 0.7} (0.7 is the paper's; at batch 32 it keeps the model from learning
   at all, see docs/accuracy.md) and esam_gamma in {0.5, 1.0} (0.5 is the paper's; 1.0 keeps every
@@ -39,18 +40,28 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ["none", "sam", "asam", "avg_sam", "gsam", "looksam", "esam", "saf", "mesa", "swa", "ema", "lawa", "wasam"]
-GRIDS = [
-    "sam_rho=0.01,0.02,0.05,0.1,0.2",
-    "average_start=0.5,0.6,0.75,0.9",
-    "asam:sam_rho=0.1,0.2,0.5,1.0,2.0",
-    "avg_sam:sam_rho=0.1,0.2,0.5,1.0",
-    "ema:ema_decay=0.99,0.999",
-    "saf:saf_start_epoch=4,5,6,7",
-    "mesa:mesa_start_epoch=4,5,6,7",
-    "mesa:mesa_decay=0.99,0.999",
-    "looksam:looksam_alpha=0.1,0.3,0.7",
-    "esam:esam_gamma=0.5,1.0",
-]
+#: Starts, as fractions of the run (Kaddour et al.'s averaging grid), for averaging and for SAF / MESA.
+START_FRACTIONS = (0.5, 0.6, 0.75, 0.9)
+
+
+def grids(epochs: int) -> list[str]:
+    """The grids for a run of `epochs` epochs: SAF's and MESA's start epochs are the averaging
+    grid's fractions of the run (rounded, at least 1, without repeats), so they fit its length."""
+    starts = ",".join(str(e) for e in dict.fromkeys(max(1, round(f * epochs)) for f in START_FRACTIONS))
+    return [
+        "sam_rho=0.01,0.02,0.05,0.1,0.2",
+        "average_start=" + ",".join(map(str, START_FRACTIONS)),
+        "asam:sam_rho=0.1,0.2,0.5,1.0,2.0",
+        "avg_sam:sam_rho=0.1,0.2,0.5,1.0",
+        "ema:ema_decay=0.99,0.999",
+        f"saf:saf_start_epoch={starts}",
+        f"mesa:mesa_start_epoch={starts}",
+        "mesa:mesa_decay=0.99,0.999",
+        "looksam:looksam_alpha=0.1,0.3,0.7",
+        "esam:esam_gamma=0.5,1.0",
+    ]
+
+
 SETTINGS = {"clean": [], "noise40": ["--label_noise", "0.4"]}
 LABELS = {"clean": "clean labels", "noise40": "40% label noise"}
 
@@ -74,10 +85,10 @@ def parse(argv=None):
 def run_compare(opts, setting):
     """`hf-flat compare` for one setting; its comparison.json."""
     out = os.path.join(opts.output_dir, setting)
-    grids = [x for g in GRIDS if g.partition(":")[0] in opts.methods or ":" not in g for x in ("--grid", g)]
+    flags = [x for g in grids(opts.epochs) if g.partition(":")[0] in opts.methods or ":" not in g for x in ("--grid", g)]
     command = [sys.executable, "-m", "hf_flat.cli", "compare", "--script", os.path.join(ROOT, "examples/vit/run_vit.py"),
                "--methods", *opts.methods, "--seeds", *map(str, opts.seeds), "--jobs", str(opts.jobs), "--quiet",
-               *grids, "--output_dir", out, "--", "--num_train_epochs", str(opts.epochs), *SETTINGS[setting], *opts.extra]
+               *flags, "--output_dir", out, "--", "--num_train_epochs", str(opts.epochs), *SETTINGS[setting], *opts.extra]
     print("$", " ".join(command[2:]), flush=True)
     code = subprocess.run(command, cwd=ROOT).returncode
     if code not in (0, 1):  # 1: some runs failed, which the page reports
@@ -132,16 +143,16 @@ def page(opts, studies):
              "are in the script's docstring; every tuning run is listed below.", "",
              "Cost: training time (`train_runtime`) over the plain Trainer's with the same seed, mean ± SE over "
              "seeds, runs going two at a time on one CPU thread each of a 2-core machine.", ""]
-    reading = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reading.md")
-    if os.path.isfile(reading):  # what the tables show, written by hand after the run that made them
-        with open(reading) as f:
-            lines += [f.read().strip(), ""]
     convergence = os.path.join(os.path.dirname(os.path.abspath(__file__)), "convergence.md")
     if os.path.isfile(convergence):  # the epoch budget, from benchmarks/accuracy/convergence.py
         with open(convergence) as f:
             lines += ["## The epoch budget: how long the plain Trainer needs", "",
                       "From `benchmarks/accuracy/convergence.py` (its docstring gives the rule):", "",
                       "### " + f.read().strip().split("\n## ", 1)[1].replace("\n## ", "\n### "), ""]
+    reading = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reading.md")
+    if os.path.isfile(reading):  # what the tables show, written by hand after the run that made them
+        with open(reading) as f:
+            lines += [f.read().strip(), ""]
     plot_path = os.path.relpath(opts.plot, os.path.dirname(os.path.abspath(opts.page)))
     lines += [f"![test accuracy against training time relative to the plain Trainer]({plot_path})", ""]
     for setting, study in studies.items():
@@ -226,7 +237,7 @@ def main(argv=None):
                                    for t in ts] for m, ts in st["tuning"].items()}}
             for s, st in studies.items()}
     with open(opts.results, "w") as f:
-        json.dump({"epochs": opts.epochs, "seeds": opts.seeds, "grids": GRIDS, "studies": slim}, f, indent=1)
+        json.dump({"epochs": opts.epochs, "seeds": opts.seeds, "grids": grids(opts.epochs), "studies": slim}, f, indent=1)
     text = page(opts, studies)
     os.makedirs(os.path.dirname(opts.page), exist_ok=True)
     with open(opts.page, "w") as f:

@@ -1,12 +1,13 @@
-"""benchmarks/accuracy/convergence.py in a tiny mode (so it cannot rot), and its choice of the epoch
-budget (the one-standard-error rule on paired differences) against a hand computation."""
+"""The accuracy study's scripts (benchmarks/accuracy/) in a tiny mode, so that they cannot rot: the
+epoch budget's choice (the one-standard-error rule on paired differences) against a hand computation,
+the grids fitted to the run's length, and the whole study on a few runs."""
 
 import json
 import math
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accuracy"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accuracy"))  # (convergence.py, run_study.py)
 import convergence  # noqa: E402
 
 
@@ -40,3 +41,26 @@ def test_the_script_runs_end_to_end_in_a_tiny_mode(tmp_path):
                               "--markdown", str(tmp_path / "c2.md"), "--extra", "--max_train_samples", "40"])
     assert again["noise40"]["final"] == results["noise40"]["final"]
     assert os.path.getmtime(tmp_path / "runs" / "noise40" / "epochs1-seed0" / "all_results.json") == mtime
+
+
+def test_saf_and_mesa_starts_are_the_averaging_fractions_of_the_run():
+    import run_study
+
+    assert "saf:saf_start_epoch=4,5,6,7" in run_study.grids(8)  # the grid the 8-epoch study used
+    assert "mesa:mesa_start_epoch=15,18,22,27" in run_study.grids(30)
+    assert "saf:saf_start_epoch=1,2" in run_study.grids(2)  # (no repeats, at least epoch 1)
+
+
+def test_the_study_runs_end_to_end_in_a_tiny_mode(tmp_path):
+    import run_study
+
+    run_study.main(["--methods", "none", "swa", "saf", "--seeds", "0", "1", "--epochs", "2", "--settings", "noise40",
+                    "--output_dir", str(tmp_path / "runs"), "--results", str(tmp_path / "r.json"),
+                    "--page", str(tmp_path / "page.md"), "--plot", str(tmp_path / "plot.png"),
+                    "--extra", "--max_train_samples", "40"])
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["epochs"] == 2 and "saf:saf_start_epoch=1,2" in results["grids"]
+    rows = {r["method"]: r for r in results["studies"]["noise40"]["summary"]}
+    assert set(rows) == {"none", "swa", "saf"} and all(r["n"] == 2 for r in rows.values())
+    page = (tmp_path / "page.md").read_text()
+    assert "## 40% label noise" in page and (tmp_path / "plot.png").stat().st_size > 0
