@@ -49,6 +49,7 @@ def test_saf_and_mesa_starts_are_the_averaging_fractions_of_the_run():
     assert "saf:saf_start_epoch=4,5,6,7" in run_study.grids(8)  # the grid the 8-epoch study used
     assert "mesa:mesa_start_epoch=15,18,22,27" in run_study.grids(30)
     assert "saf:saf_start_epoch=1,2" in run_study.grids(2)  # (no repeats, at least epoch 1)
+    assert "average_freq=0,10" in run_study.grids(8)  # the snapshot frequency is tuned too
 
 
 def test_the_study_runs_end_to_end_in_a_tiny_mode(tmp_path):

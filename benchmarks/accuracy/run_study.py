@@ -17,7 +17,8 @@ the methods' own papers where their radius lives on another scale):
 
 - rho in {0.01, 0.02, 0.05, 0.1, 0.2} for sam, gsam, looksam, esam, wasam; asam {0.1, 0.2, 0.5,
   1.0, 2.0} (Kwon et al. use 0.5-2.0); avg_sam {0.1, 0.2, 0.5, 1.0} (Boca et al. use 0.5 and 1.0);
-- averaging start in {0.5, 0.6, 0.75, 0.9} of training for swa, ema, lawa, wasam; ema_decay also in
+- averaging start in {0.5, 0.6, 0.75, 0.9} of training for swa, ema, lawa, wasam, and for swa, lawa and
+  wasam a snapshot once per epoch or every 10 steps (average_freq 0, 10); ema_decay also in
   {0.99, 0.999} (0.999 barely moves in a run of 360 steps);
 - saf / mesa start epoch: the same fractions of the run's epochs (`grids`: {4, 5, 6, 7} of 8, {15, 18,
   22, 27} of 30); mesa_decay also in
@@ -46,11 +47,14 @@ START_FRACTIONS = (0.5, 0.6, 0.75, 0.9)
 
 def grids(epochs: int) -> list[str]:
     """The grids for a run of `epochs` epochs: SAF's and MESA's start epochs are the averaging
-    grid's fractions of the run (rounded, at least 1, without repeats), so they fit its length."""
+    grid's fractions of the run (rounded, at least 1, without repeats), so they fit its length; the
+    snapshot frequency joins the averaging grid, since a late start with one snapshot per epoch
+    keeps a single snapshot (the 8-epoch study's SWA and LAWA were the plain runs for that reason)."""
     starts = ",".join(str(e) for e in dict.fromkeys(max(1, round(f * epochs)) for f in START_FRACTIONS))
     return [
         "sam_rho=0.01,0.02,0.05,0.1,0.2",
         "average_start=" + ",".join(map(str, START_FRACTIONS)),
+        "average_freq=0,10",  # SWA / LAWA snapshots: once per epoch, or every 10 steps (about 4 an epoch here)
         "asam:sam_rho=0.1,0.2,0.5,1.0,2.0",
         "avg_sam:sam_rho=0.1,0.2,0.5,1.0",
         "ema:ema_decay=0.99,0.999",
