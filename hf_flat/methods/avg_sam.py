@@ -139,12 +139,11 @@ class AverageSAM(TwoPassMethod):
                     z[i] = None
                 return saved
             saved = [p.data for p in params]
-            fits = [i for i, p in enumerate(params) if p.dtype == torch.float32 and p.is_contiguous()]
-            add_scaled([z[i] for i in fits], [saved[i] for i in fits], scale, one_pass=params[0].device.type == "cpu")
-            for i in fits:
-                params[i].data = z[i]
-            for i in sorted(set(range(len(params))) - set(fits)):
-                params[i].data = saved[i] + (z[i] * scale).to(params[i].dtype)
+            fits = [p.dtype == torch.float32 and p.is_contiguous() for p in params]
+            add_scaled([zi for zi, f in zip(z, fits) if f], [w for w, f in zip(saved, fits) if f], scale,
+                       one_pass=params[0].device.type == "cpu")
+            for p, zi, w, f in zip(params, z, saved, fits):
+                p.data = zi if f else w + (zi * scale).to(p.dtype)
         return saved
 
     def restore(self, params, saved):
