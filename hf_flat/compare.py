@@ -23,8 +23,9 @@ arguments `hf_flat.args.FLAT_SETTINGS` lists for each part of a method, e.g. ``s
 two-pass methods, ``average_freq`` for SWA and LAWA, ``swa_lr`` for every averaging method,
 ``saf_*`` for SAF), and compare says which methods a global ``--grid`` skips; any other flag
 (``learning_rate``) goes to every method but ``none``. Tuning: one run per combination with
-``--holdout_fraction`` and the first seed; the best combination on the held-out metric is then run
-with every seed on the real evaluation set. A method whose tuning runs all fail is left out of the table and counted as failed.
+``--holdout_fraction`` and the first seed (or once per ``--tuning_seeds`` seed: the best mean held-out
+score wins, and the table says for how many tuning seeds it was also their own best); the chosen
+combination is then run with every seed on the real evaluation set. A method whose tuning runs all fail is left out of the table and counted as failed.
 
 The table: the baseline (the first method) as mean +- standard error over seeds; every other
 method as its difference to the baseline +- the unpaired standard error of that difference,
@@ -114,6 +115,11 @@ def build_parser():
                         "has one combination runs it without tuning runs")
     parser.add_argument("--holdout_fraction", type=float, default=0.1,
                         help="share of the training data the --grid runs evaluate on")
+    parser.add_argument("--tuning_seeds", nargs="+", type=int, default=None,
+                        help="seeds of the --grid runs (default: the first of --seeds). With several, each "
+                        "combination runs once per seed (a seed also fixes the script's held-out split when it "
+                        "draws it by seed, as the example scripts do), the best mean held-out score is chosen, and "
+                        "the table says how many tuning seeds' own best it was: how stable the choice is")
     parser.add_argument("--config", default=None, metavar="FILE.json",
                         help="a JSON config given to the script as its first argument "
                         "(SCRIPT FILE.json --flag value ...)")
@@ -242,8 +248,11 @@ def check_command(args, log, runner):
             parse_flat_method(method)
         except ValueError as error:
             raise UserError(f"--methods: {error}") from None
-    if len(set(args.methods)) != len(args.methods) or len(set(args.seeds)) != len(args.seeds):
-        raise UserError("--methods / --seeds: a value is given twice; give each once")
+    if args.tuning_seeds is None:
+        args.tuning_seeds = args.seeds[:1]
+    if len(set(args.methods)) != len(args.methods) or len(set(args.seeds)) != len(args.seeds) or (
+            len(set(args.tuning_seeds)) != len(args.tuning_seeds)):
+        raise UserError("--methods / --seeds / --tuning_seeds: a value is given twice; give each once")
     if (args.grid or args.method_grid) and not 0 < args.holdout_fraction < 1:
         raise UserError(f"--holdout_fraction {args.holdout_fraction}: must lie in (0, 1) for --grid")
     names = set(args.grid) | {n for g in args.method_grid.values() for n in g}
@@ -617,8 +626,9 @@ def _settings_text(settings):
     return ", ".join(f"{k}={v}" for k, v in settings.items()) if settings else "-"
 
 
-def report(args, rows, scale, chosen, warnings, failures, runs, tuning=None):
-    """comparison.md: the table, its warnings and failures, and the hyper-parameters each method ran with."""
+def report(args, rows, scale, chosen, warnings, failures, runs, tuning=None, stability=None):
+    """comparison.md: the table, its warnings and failures, and the hyper-parameters each method ran with
+    (with several tuning seeds: how many of them chose the same on their own)."""
     parts = [markdown(rows, args.metric, scale, marked=set(warnings))]
     notes = [f"{WARNING_MARK} {method}: {message} ({', '.join(names)})"
              for method, found in warnings.items() for message, names in found.items()]
@@ -626,12 +636,18 @@ def report(args, rows, scale, chosen, warnings, failures, runs, tuning=None):
         parts.append("Warnings the runs logged:\n\n" + "\n".join(f"- {n}" for n in notes))
     if failures:
         parts.append(f"{len(failures)} run(s) failed: " + ", ".join(f"{f['name']} ({f['failed']})" for f in failures))
-    lines = ["Hyper-parameters per method:", "",
+    seeds = getattr(args, "tuning_seeds", None) or args.seeds[:1]
+    lines = ["Hyper-parameters per method" + (f" (tuning seeds {', '.join(map(str, seeds))}: the best mean held-out "
+                                              "score is chosen; in brackets, how many seeds' own best it is)"
+                                              if len(seeds) > 1 else "") + ":", "",
              "| method | chosen on held-out data (--grid) | flat_settings of its runs |", "|---|---|---|"]
     for method in args.methods:
         picked = "tuning failed" if chosen[method] is None else _settings_text(chosen[method])
         if chosen[method] and method not in (tuning or {}):
             picked += " (given: one value each, not tuned)"
+        elif len(seeds) > 1 and method in (stability or {}):
+            agree = stability[method]["agree"]
+            picked += f" ({agree} of {len(seeds)} tuning seeds)"
         used = next((r["metrics"].get("flat_settings") for r in runs if r["method"] == method and "metrics" in r), None)
         lines.append(f"| {method} | {picked} | {_settings_text(used) if isinstance(used, dict) else '-'} |")
     parts.append("\n".join(lines))
@@ -639,47 +655,64 @@ def report(args, rows, scale, chosen, warnings, failures, runs, tuning=None):
 
 
 def _tune(args, log, runner):
-    """({method: chosen setting, or None when every tuning run failed}, {method: tuning runs}, failures).
-    A method with one combination runs it as it is; more are tried on held-out data with the first seed."""
+    """({method: chosen setting, or None when no combination ran on every tuning seed}, {method: tuning
+    runs}, {method: how stable the choice is}, failures). A method with one combination runs it as it is;
+    more are each run once per tuning seed on held-out data, and the best mean held-out score wins."""
     grids = {m: tunable(m, args.grid, args.method_grid) for m in args.methods}
     combinations = {m: [dict(zip(g, values)) for values in itertools.product(*g.values())] for m, g in grids.items()}
+    several = len(args.tuning_seeds) > 1
     tasks = []
     for method, settings in combinations.items():
         if len(settings) < 2:
             continue
         for i, setting in enumerate(settings, 1):
-            def task(method=method, setting=setting, i=i, n=len(settings)):
-                flags = ["--flat_method", method, "--seed", str(args.seeds[0]),
-                         "--holdout_fraction", str(args.holdout_fraction)]
-                flags += [x for k, v in setting.items() for x in (f"--{k}", v)]
-                log(f"[tune {method} {i}/{n}] {_settings_text(setting)}")
-                tag = "-".join(f"{k}{v}" for k, v in setting.items())
-                return method, setting, run_one(args, f"tune-{method}-{tag}", flags, setting, log, runner)
-            tasks.append(task)
+            for seed in args.tuning_seeds:
+                def task(method=method, setting=setting, i=i, n=len(settings), seed=seed):
+                    flags = ["--flat_method", method, "--seed", str(seed),
+                             "--holdout_fraction", str(args.holdout_fraction)]
+                    flags += [x for k, v in setting.items() for x in (f"--{k}", v)]
+                    log(f"[tune {method} {i}/{n}" + (f" seed {seed}]" if several else "]") + f" {_settings_text(setting)}")
+                    tag = "-".join(f"{k}{v}" for k, v in setting.items()) + (f"-seed{seed}" if several else "")
+                    result = run_one(args, f"tune-{method}-{tag}", flags, setting, log, runner)
+                    return method, setting, {**result, "seed": seed}
+                tasks.append(task)
     chosen = {m: settings[0] for m, settings in combinations.items()}  # one combination (or none): as it is
-    tuning, best, failures = {}, {}, []
+    tuning, scores, failures, stability = {}, {}, [], {}
     for method, setting, result in _run_all(args, tasks):
         tuning.setdefault(method, []).append(result)
         if "failed" not in result:
-            score = result["metrics"][args.metric] * (-1 if args.lower_is_better else 1)
-            if method not in best or score > best[method][0]:
-                best[method] = (score, setting)
+            sign = -1 if args.lower_is_better else 1
+            scores.setdefault(method, {}).setdefault(_settings_text(setting), {})[result["seed"]] = (
+                sign * result["metrics"][args.metric])
     for method in tuning:
-        if method in best:
-            chosen[method] = best[method][1]
-            log(f"[tune {method}] chose {_settings_text(chosen[method])}")
-        else:
+        by_text = {_settings_text(s): s for s in combinations[method]}
+        complete = {text: seeds for text, seeds in scores.get(method, {}).items() if len(seeds) == len(args.tuning_seeds)}
+        if not complete:
             chosen[method] = None
-            failures.append({"name": f"tune-{method}", "method": method,
-                             "failed": f"all {len(tuning[method])} tuning runs failed; {method} is not run"})
-            log(f"[tune {method}] every tuning run failed: {method} is left out of the table (see the logs above)")
-    return chosen, tuning, failures
+            why = (f"all {len(tuning[method])} tuning runs failed" if not scores.get(method) else
+                   "no combination ran on every tuning seed")
+            failures.append({"name": f"tune-{method}", "method": method, "failed": f"{why}; {method} is not run"})
+            log(f"[tune {method}] {why}: {method} is left out of the table (see the logs above)")
+            continue
+        # first of equal means wins, in grid order; so does each seed's own best
+        order = [text for text in by_text if text in complete]
+        means = {text: sum(complete[text].values()) / len(args.tuning_seeds) for text in order}
+        best = max(order, key=lambda text: means[text])
+        own = {seed: max(order, key=lambda text: complete[text][seed]) for seed in args.tuning_seeds}
+        chosen[method] = by_text[best]
+        sign = -1 if args.lower_is_better else 1
+        stability[method] = {"seeds": list(args.tuning_seeds), "agree": sum(own[s] == best for s in own),
+                             "each_seed_chose": {str(s): by_text[t] for s, t in own.items()},
+                             "mean_scores": {t: sign * means[t] for t in order}}
+        log(f"[tune {method}] chose {best}" + (f" (the best of {stability[method]['agree']} of "
+                                                f"{len(args.tuning_seeds)} tuning seeds on their own)" if several else ""))
+    return chosen, tuning, stability, failures
 
 
 def compare(args, log, runner):
     """Tune, run every method and seed, write the table; the exit status (see the module docstring)."""
     os.makedirs(args.output_dir, exist_ok=True)
-    chosen, tuning, failures = _tune(args, log, runner)
+    chosen, tuning, stability, failures = _tune(args, log, runner)
     scores, runs, warnings = {m: {} for m in args.methods}, [], {}
     todo = [(seed, m) for seed in args.seeds for m in args.methods if chosen[m] is not None]
 
@@ -702,7 +735,7 @@ def compare(args, log, runner):
 
     rows = table(scores, args.lower_is_better)
     scale = percent_scale(args.metric, [v for vs in scores.values() for v in vs.values()], args.percent)
-    text = report(args, rows, scale, chosen, warnings, failures, runs, tuning)
+    text = report(args, rows, scale, chosen, warnings, failures, runs, tuning, stability)
     print(text)
     with open(os.path.join(args.output_dir, "comparison.md"), "w") as f:
         f.write(text + "\n")
@@ -710,7 +743,8 @@ def compare(args, log, runner):
         json.dump({"metric": args.metric, "threads": args.threads, "jobs": args.jobs,
                    "fresh_processes": args.fresh_processes, "shown_in_percent": scale == 100, "bold_uses": "paired SE",
                    "legend": LEGEND, "pairing_notes": pairing_notes(rows), "table": rows, "chosen": chosen,
-                   "warnings": warnings, "tuning": tuning, "runs": runs, "failures": failures}, f, indent=2)
+                   "warnings": warnings, "tuning_seeds": args.tuning_seeds, "tuning": tuning, "stability": stability,
+                   "runs": runs, "failures": failures}, f, indent=2)
     with open(os.path.join(args.output_dir, "runs.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "seed", "status", args.metric, "settings", "reused", "folder"])

@@ -220,3 +220,49 @@ def test_each_run_uses_the_same_thread_count_whatever_the_environment(tmp_path, 
     saved = json.loads((out / "comparison.json").read_text())
     assert {r["metrics"]["threads"] for r in saved["runs"]} == {"3"} and saved["threads"] == 3
     assert not folders & {r["folder"] for r in saved["runs"]}  # not reused from the runs with other threads
+
+
+TUNING_SEEDS_SCRIPT = textwrap.dedent('''
+    import argparse, json, os, sys
+    p = argparse.ArgumentParser()
+    p.add_argument("--flat_method"); p.add_argument("--seed", type=int); p.add_argument("--output_dir")
+    p.add_argument("--holdout_fraction", type=float, default=0.0); p.add_argument("--sam_rho", type=float, default=0.05)
+    a = p.parse_args()
+    with open(os.path.join(os.path.dirname(__file__), "calls.txt"), "a") as f:
+        f.write(" ".join(sys.argv[1:]) + "\\n")
+    if a.flat_method == "wasam" and a.sam_rho == 0.1 and a.seed == 11:
+        sys.exit("this combination fails on one tuning seed")
+    best = {10: 0.05, 11: 0.1, 12: 0.1}.get(a.seed, 0.1)  # each tuning seed's own held-out optimum
+    score = 0.9 - abs(a.sam_rho - best) if a.flat_method != "none" else 0.8
+    os.makedirs(a.output_dir, exist_ok=True)
+    json.dump({"eval_accuracy": score, "flat_method": a.flat_method}, open(os.path.join(a.output_dir, "all_results.json"), "w"))
+''')
+
+
+def test_several_tuning_seeds_choose_by_the_mean_and_report_how_stable_the_choice_is(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(TUNING_SEEDS_SCRIPT)
+    out = tmp_path / "out"
+    assert main(["compare", "--script", str(script), "--methods", "none", "sam", "wasam", "--seeds", "0", "1",
+                 "--tuning_seeds", "10", "11", "12", "--grid", "sam_rho=0.05,0.1,0.2", "--output_dir", str(out)]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    tuning = [c for c in calls if "--holdout_fraction" in c]
+    assert len(tuning) == 2 * 3 * 3 and {c.split("--seed ")[1].split()[0] for c in tuning} == {"10", "11", "12"}
+    # sam, by hand: mean held-out score over seeds 10, 11, 12 of 0.9 - |rho - best_seed|:
+    # 0.05 -> 0.9 - (0 + 0.05 + 0.05) / 3, 0.1 -> 0.9 - 0.05 / 3, 0.2 -> 0.9 - 0.35 / 3: 0.1 wins, and it is
+    # the own best of seeds 11 and 12, not of the first tuning seed, 10 (0.05)
+    assert result["chosen"]["sam"] == {"sam_rho": "0.1"}
+    assert result["stability"]["sam"]["agree"] == 2
+    assert result["stability"]["sam"]["each_seed_chose"]["10"] == {"sam_rho": "0.05"}
+    assert result["stability"]["sam"]["mean_scores"]["sam_rho=0.05"] == pytest.approx(0.9 - 0.1 / 3)
+    # wasam: rho 0.1 failed on seed 11, so its mean over the two seeds it ran (0.9 - 0.025) does not count; of
+    # the combinations that ran on every seed, 0.05 wins (0.9 - 0.1 / 3 against 0.9 - 0.35 / 3), the own best
+    # of all 3
+    assert result["chosen"]["wasam"] == {"sam_rho": "0.05"} and result["stability"]["wasam"]["agree"] == 3
+    assert "sam_rho=0.1" not in result["stability"]["wasam"]["mean_scores"]
+    text = (out / "comparison.md").read_text()
+    assert "| sam | sam_rho=0.1 (2 of 3 tuning seeds) |" in text and "| wasam | sam_rho=0.05 (3 of 3 tuning seeds) |" in text
+    assert "tuning seeds 10, 11, 12" in text and result["tuning_seeds"] == [10, 11, 12]
+    finals = [c for c in calls if "--holdout_fraction" not in c]
+    assert sorted(c.split("--seed ")[1].split()[0] for c in finals) == ["0", "0", "0", "1", "1", "1"]

@@ -50,18 +50,28 @@ def test_saf_and_mesa_starts_are_the_averaging_fractions_of_the_run():
     assert "mesa:mesa_start_epoch=15,18,22,27" in run_study.grids(30)
     assert "saf:saf_start_epoch=1,2" in run_study.grids(2)  # (no repeats, at least epoch 1)
     assert "average_freq=0,10" in run_study.grids(8)  # the snapshot frequency is tuned too
+    # EMA / MESA windows 1 / (1 - decay) of a 16th and a quarter of the run's steps: 30 epochs of 45 steps
+    windows = [1 / (1 - float(d)) for d in run_study.decays(30).split(",")]
+    assert math.isclose(windows[0], 1350 / 16, rel_tol=1e-2) and math.isclose(windows[1], 1350 / 4, rel_tol=1e-2)
+    assert f"mesa:mesa_decay={run_study.decays(15)}" in run_study.grids(15) and run_study.decays(15) != run_study.decays(30)
 
 
 def test_the_study_runs_end_to_end_in_a_tiny_mode(tmp_path):
     import run_study
 
-    run_study.main(["--methods", "none", "swa", "saf", "--seeds", "0", "1", "--epochs", "2", "--settings", "noise40",
+    run_study.main(["--methods", "none", "swa", "saf", "--seeds", "0", "1", "--tuning_seeds", "7", "8",
+                    "--epochs", "2", "--settings", "noise40",
                     "--output_dir", str(tmp_path / "runs"), "--results", str(tmp_path / "r.json"),
                     "--page", str(tmp_path / "page.md"), "--plot", str(tmp_path / "plot.png"),
                     "--extra", "--max_train_samples", "40"])
     results = json.loads((tmp_path / "r.json").read_text())
-    assert results["epochs"] == 2 and "saf:saf_start_epoch=1,2" in results["grids"]
+    assert results["epochs"] == {"noise40": 2} and "saf:saf_start_epoch=1,2" in results["grids"]["noise40"]
     rows = {r["method"]: r for r in results["studies"]["noise40"]["summary"]}
     assert set(rows) == {"none", "swa", "saf"} and all(r["n"] == 2 for r in rows.values())
+    # every grid point ran once per tuning seed, and the stability of each choice is recorded
+    tuning = results["studies"]["noise40"]["tuning"]
+    assert sorted(t["seed"] for t in tuning["saf"]) == [7, 7, 8, 8] and len(tuning["swa"]) == 4 * 2 * 2
+    assert rows["saf"]["agree"] in (0, 1, 2) and rows["none"]["agree"] is None
     page = (tmp_path / "page.md").read_text()
-    assert "## 40% label noise" in page and (tmp_path / "plot.png").stat().st_size > 0
+    assert "## 40% label noise, 2 epochs" in page and "| seed 7 | seed 8 | mean |" in page
+    assert "(chosen) |" in page and (tmp_path / "plot.png").stat().st_size > 0
