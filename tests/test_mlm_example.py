@@ -78,6 +78,17 @@ def test_the_saved_folder_is_a_model_run_glue_fine_tunes(tmp_path, corpus):
     key = next(k for k in pretrained if k.endswith("word_embeddings.weight"))
     assert torch.equal(model.state_dict()[key], pretrained[key])
 
+    # --from_scratch: the same architecture and tokenizer with new weights, seeded by --seed: the control
+    common = ["--model_name_or_path", str(tmp_path / "mlm"), "--train_file", str(tmp_path / "task.csv"),
+              "--validation_file", str(tmp_path / "task.csv"), "--text_column_names", "text", "--max_steps", "0",
+              "--use_cpu", "true", "--report_to", "none", "--eval_strategy", "no", "--from_scratch", "true"]
+    for name in ("scratch", "scratch-again"):
+        run_glue.main([*common, "--output_dir", str(tmp_path / name), "--seed", "3"])
+    scratch = load_file(str(tmp_path / "scratch" / "model.safetensors"))
+    assert not torch.equal(scratch[key], pretrained[key]) and scratch[key].shape == pretrained[key].shape
+    assert torch.equal(load_file(str(tmp_path / "scratch-again" / "model.safetensors"))[key], scratch[key])
+    assert abs(scratch[key].std().item() - model.config.initializer_range) < 0.2 * model.config.initializer_range
+
 
 def test_bad_input_is_refused_with_a_clear_message(tmp_path, corpus):
     with pytest.raises(ValueError, match="give --train_file"):

@@ -75,3 +75,43 @@ def test_the_study_runs_end_to_end_in_a_tiny_mode(tmp_path):
     page = (tmp_path / "page.md").read_text()
     assert "## 40% label noise, 2 epochs" in page and "| seed 7 | seed 8 | mean |" in page
     assert "(chosen) |" in page and (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_the_pretraining_control_runs_end_to_end_in_a_tiny_mode(tmp_path):
+    """benchmarks/accuracy/pretraining.py on a tiny pretraining (2 epochs, a checkpoint each) and a tiny
+    task: a row per start and rate, the scratch control, and paired differences as computed by hand."""
+    import csv
+
+    import pretraining
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "pretrain"))
+    import run_mlm
+
+    words = ["dog", "cat", "horse", "river", "stone", "storm", "runs", "sings", "falls", "grows"]
+    lines = [f"the {words[i % 6]} {words[6 + i % 4]} near the {words[(i * 7) % 6]}" for i in range(120)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    run_mlm.main(["--train_file", str(tmp_path / "corpus.txt"), "--output_dir", str(tmp_path / "mlm"), "--vocab_size", "200",
+                  "--hidden_size", "16", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--intermediate_size", "32",
+                  "--max_seq_length", "16", "--num_train_epochs", "2", "--per_device_train_batch_size", "8",
+                  "--use_cpu", "true", "--seed", "0"])
+    task = tmp_path / "data" / "task"
+    task.mkdir(parents=True)
+    for split, n in (("train", 40), ("validation", 12)):
+        with open(task / f"{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["text", "label", "synset"]] + [
+                [f"a {words[i % 6]} that {words[6 + i % 4]}", "noun.animal" if i % 6 < 3 else "noun.object", f"s{i}"]
+                for i in range(n)])
+    result = pretraining.main(["--data", str(tmp_path / "data"), "--model", str(tmp_path / "mlm"), "--seeds", "0", "1",
+                               "--learning_rates", "1e-3", "--epochs", "1", "--max_train_samples", "16", "--jobs", "1",
+                               "--output_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "p.json"),
+                               "--markdown", str(tmp_path / "p.md")])
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "mlm").glob("checkpoint-*"))
+    assert len(steps) == 2 and steps[1] == 2 * steps[0]  # a checkpoint per epoch; the last is the final model
+    assert [r["start"] for r in result["rows"]] == [f"checkpoint-{steps[0]}", f"checkpoint-{steps[1]}", "scratch"]
+    assert [r["pretraining_epochs"] for r in result["rows"]] == [1, 2, None]
+    assert all(r["mlm_eval_loss"] > 0 for r in result["rows"][:2])
+    runs = {(r["start"], r["seed"]): r["eval_accuracy"] for r in result["runs"]}
+    d = [runs[f"checkpoint-{steps[1]}", s] - runs["scratch", s] for s in (0, 1)]
+    assert math.isclose(result["rows"][1]["paired_difference"], sum(d) / 2)
+    assert math.isclose(result["rows"][1]["paired_difference_se"], abs(d[0] - d[1]) / 2)
+    assert "| scratch | - | - | 1e-3 |" in (tmp_path / "p.md").read_text()

@@ -12,7 +12,9 @@
 run_glue.py: the classes are the training data's sorted labels (integers or strings; written into
 the model config as label2id / id2label), float labels train a regression, and the text columns are
 `--text_column_names`, else the task's, else sentence1 / sentence2, else the first text column(s).
-`--max_seq_length` defaults to, and is capped by, the model's limit. Metrics
+`--max_seq_length` defaults to, and is capped by, the model's limit. `--from_scratch true` builds
+the model from the folder's config (and takes its tokenizer) with new weights: the control run of
+a pretraining. Metrics
 are those Kaddour et al. report (NeurIPS 2022, arXiv 2202.00661, appendix B.2): Matthews
 correlation for CoLA, Pearson correlation for STS-B (a regression head), accuracy for the others,
 computed locally (no metric download). `--holdout_fraction f` evaluates on a held-out share of the
@@ -98,6 +100,9 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(default=False, metadata={
         "help": "replace a classification head whose number of labels differs from the data's by a new one "
                 "(by default such a model is refused)"})
+    from_scratch: bool = field(default=False, metadata={
+        "help": "build the model from --model_name_or_path's config and tokenizer with freshly initialised "
+                "weights (seeded by --seed): the control that shows what the pretrained weights buy"})
 
 
 def glue_metrics(task, regression=None):
@@ -307,8 +312,11 @@ def main(argv=None):
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     config, label_ids = model_config(model_args, labels, data_args.task_name)
-    model = AutoModelForSequenceClassification.from_pretrained(model_args.model_name_or_path, config=config,
-                                                               ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
+    if model_args.from_scratch:  # the same architecture and tokenizer, none of the pretrained weights
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes)
     max_seq_length = sequence_length(data_args.max_seq_length, tokenizer, config)
 
     def tokenize(batch):
