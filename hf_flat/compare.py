@@ -678,10 +678,10 @@ def _tune(args, log, runner):
                 tasks.append(task)
     chosen = {m: settings[0] for m, settings in combinations.items()}  # one combination (or none): as it is
     tuning, scores, failures, stability = {}, {}, [], {}
+    sign = -1 if args.lower_is_better else 1  # scores: higher is better
     for method, setting, result in _run_all(args, tasks):
         tuning.setdefault(method, []).append(result)
         if "failed" not in result:
-            sign = -1 if args.lower_is_better else 1
             scores.setdefault(method, {}).setdefault(_settings_text(setting), {})[result["seed"]] = (
                 sign * result["metrics"][args.metric])
     for method in tuning:
@@ -700,7 +700,6 @@ def _tune(args, log, runner):
         best = max(order, key=lambda text: means[text])
         own = {seed: max(order, key=lambda text: complete[text][seed]) for seed in args.tuning_seeds}
         chosen[method] = by_text[best]
-        sign = -1 if args.lower_is_better else 1
         stability[method] = {"seeds": list(args.tuning_seeds), "agree": sum(own[s] == best for s in own),
                              "each_seed_chose": {str(s): by_text[t] for s, t in own.items()},
                              "mean_scores": {t: sign * means[t] for t in order}}

@@ -6,7 +6,8 @@ from its definition) fine-tuned with the plain Trainer (`examples/glue/run_glue.
 `flat_method="none"`) from
 
 - each checkpoint of a `examples/pretrain/run_mlm.py` run (`--model`: its output folder, whose
-  `checkpoint-N` folders are the pretraining's epochs, and the folder itself, the last), and
+  `checkpoint-N` folders are the pretraining's epochs, and the folder itself, the last, when the
+  run finished), and
 - the same architecture and tokenizer with fresh weights (`--from_scratch true`): the control,
 
 at every learning rate of `--learning_rates` (so that neither start wins for want of its own rate),
@@ -60,11 +61,15 @@ def starts(opts):
                 state = json.load(f)
             loss = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
             found.append((os.path.basename(path), path, state["epoch"], loss[-1] if loss else None))
-    with open(os.path.join(opts.model, "all_results.json")) as f:
-        final = json.load(f)
-    if not found or found[-1][2] != final.get("epoch"):
-        found.append(("final", opts.model, final.get("epoch"), final.get("eval_loss")))
-    return found + [("scratch", opts.model, None, None)]
+    results = os.path.join(opts.model, "all_results.json")  # absent when the pretraining was stopped early
+    if os.path.isfile(results):
+        with open(results) as f:
+            final = json.load(f)
+        if not found or found[-1][2] != final.get("epoch"):
+            found.append(("final", opts.model, final.get("epoch"), final.get("eval_loss")))
+    if not found:
+        sys.exit(f"--model {opts.model}: neither a finished run_mlm.py folder nor one with checkpoint-N folders")
+    return found + [("scratch", found[-1][1], None, None)]
 
 
 def run(opts, name, folder, rate, seed):
