@@ -115,3 +115,30 @@ def test_the_pretraining_control_runs_end_to_end_in_a_tiny_mode(tmp_path):
     assert math.isclose(result["rows"][1]["paired_difference"], sum(d) / 2)
     assert math.isclose(result["rows"][1]["paired_difference_se"], abs(d[0] - d[1]) / 2)
     assert "| scratch | - | - | 1e-3 |" in (tmp_path / "p.md").read_text()
+
+
+def test_the_readme_main_job_reruns_the_study_rows_with_the_values_it_chose():
+    """The README's first command cannot drift from the study: its epochs are the noisy setting's
+    budget, and every --grid METHOD:NAME=value is what the study chose for that method."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "README.md")) as f:
+        [line] = [x for x in f if x.startswith("python3 -m venv .venv && ")]
+    words = line.split("hf-flat compare", 1)[1].split()
+    ours, script_args = words[:words.index("--")], words[words.index("--") + 1:]
+    with open(os.path.join(root, "benchmarks", "accuracy", "results.json")) as f:
+        results = json.load(f)
+    setting = "noise40" if "--label_noise" in script_args else "clean"
+    assert script_args[script_args.index("--num_train_epochs") + 1] == str(results["epochs"][setting])
+    if setting == "noise40":
+        assert script_args[script_args.index("--label_noise") + 1] == "0.4"
+    chosen = results["studies"][setting]["chosen"]
+    methods = ours[ours.index("--methods") + 1:ours.index("--seeds")]
+    assert methods[0] == "none" and set(methods) <= set(chosen)
+    given = {}
+    for i, word in enumerate(ours):
+        if word == "--grid":
+            method, _, pair = ours[i + 1].partition(":")
+            name, value = pair.split("=")
+            given.setdefault(method, {})[name] = value
+    assert given == {m: chosen[m] for m in methods if chosen[m]}
+    assert ours[ours.index("--seeds") + 1:ours.index("--jobs")] == [str(s) for s in results["seeds"]]
