@@ -99,6 +99,14 @@ def test_the_task_splits_share_no_synset_and_carry_the_files_labels(tmp_path, wo
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["task"] == {name: len(split) for name, split in rows.items()}
     assert stats["shared_definitions_dropped"] == 1
+    # rows are not in the files' order (grouped by label there) but in a hashed one, so that the first N
+    # training rows are a random sample: within each split, the files' order is not kept
+    file_order = list(expected)
+    train = ids["train"]
+    assert sorted(train, key=file_order.index) != train
+    labels = [expected[i][0] for i in train]
+    changes = sum(a != b for a, b in zip(labels, labels[1:]))
+    assert changes > len(set(labels)) - 1  # grouped by label would change label only between groups
 
 
 def test_the_corpus_is_free_of_the_test_texts(tmp_path, wordnet):

@@ -15,7 +15,8 @@ and writes, into ``--output_dir``:
   ``verb.motion``) and ``synset`` (``pos:offset``, e.g. ``n:02084071``). Each synset falls into
   one split by a hash of its id (80% / 10% / 10%), so the splits are fixed and share no synset.
   A definition that is the text of several synsets keeps only its rows in the earliest split of
-  test, validation and train, so that no text is in two splits.
+  test, validation and train, so that no text is in two splits. Rows are in an order fixed by
+  another part of the same hash, not grouped by label, so the first N rows are a random sample.
 - ``corpus.txt``: the pretraining corpus, one line per text: for every synset outside the test
   split, ``word, word: definition`` and each quoted example sentence. No line of it is the
   definition or an example of a test synset, or contains one of four words or more (`TextIndex`).
@@ -95,9 +96,14 @@ def read_synsets(wordnet_dir: str) -> list[dict]:
     return synsets
 
 
+def position(synset: str) -> float:
+    """A synset's place in [0, 1), from a hash of its id: it fixes the split and the order of rows."""
+    return int.from_bytes(hashlib.sha256(f"hf_flat.wordnet/{synset}".encode()).digest()[:8], "big") / 2**64
+
+
 def split_of(synset: str) -> str:
     """The split of a synset: fixed by a hash of its id."""
-    u = int.from_bytes(hashlib.sha256(f"hf_flat.wordnet/{synset}".encode()).digest()[:8], "big") / 2**64
+    u = position(synset)
     for name, share in SPLITS:
         if u < share:
             return name
@@ -124,6 +130,9 @@ def build(wordnet_dir: str, output_dir: str) -> dict:
             dropped += 1
     os.makedirs(os.path.join(output_dir, "task"), exist_ok=True)
     for name, items in rows.items():
+        # rows in hash order, not in the files' order (which groups them by label), so that the first N
+        # rows (`--max_train_samples N`) are a random sample of the task
+        items = sorted(items, key=lambda s: (position(s["synset"]) * 1e6) % 1)
         with open(os.path.join(output_dir, "task", f"{name}.csv"), "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["text", "label", "synset"])
