@@ -18,11 +18,12 @@ paired differences and the choice) and `--markdown`. Finished runs are reused.
 import argparse
 import glob
 import json
-import math
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+
+from hf_flat.compare import mean_and_se
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SETTINGS = {"clean": [], "noise40": ["--label_noise", "0.4"]}
@@ -61,20 +62,14 @@ def run(opts, setting, budget, seed):
     return [row["eval_accuracy"] for row in history if "eval_accuracy" in row]
 
 
-def mean_se(values):
-    n = len(values)
-    m = sum(values) / n
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0
-
-
 def choose(final: dict[int, dict[int, float]]) -> dict:
     """The one-SE rule over `final[budget][seed]` (held-out accuracy at the budget's end)."""
-    means = {b: mean_se(list(by_seed.values()))[0] for b, by_seed in final.items()}
+    means = {b: mean_and_se(list(by_seed.values()))[0] for b, by_seed in final.items()}
     best = max(means, key=means.get)
     paired = {}
     for b, by_seed in final.items():
         seeds = sorted(set(by_seed) & set(final[best]))
-        paired[b] = mean_se([by_seed[s] - final[best][s] for s in seeds])
+        paired[b] = mean_and_se([by_seed[s] - final[best][s] for s in seeds])
     chosen = min(b for b in final if paired[b][0] >= -paired[b][1])
     return {"best": best, "chosen": chosen, "paired": paired}
 
@@ -89,11 +84,11 @@ def main(argv=None):
         final = {b: {seed: curves[(setting, b, seed)][-1] for seed in opts.seeds} for b in opts.budgets}
         pick = choose(final)
         longest = max(opts.budgets)
-        curve = [mean_se([curves[(setting, longest, seed)][e] for seed in opts.seeds])
+        curve = [mean_and_se([curves[(setting, longest, seed)][e] for seed in opts.seeds])
                  for e in range(min(len(curves[(setting, longest, seed)]) for seed in opts.seeds))]
         results[setting] = {
             "final": {str(b): {str(s): a for s, a in v.items()} for b, v in final.items()},
-            "budgets": {str(b): dict(zip(("mean", "se"), mean_se(list(v.values())))) for b, v in final.items()},
+            "budgets": {str(b): dict(zip(("mean", "se"), mean_and_se(list(v.values())))) for b, v in final.items()},
             "paired_to_best": {str(b): dict(zip(("mean", "se"), v)) for b, v in pick["paired"].items()},
             "best": pick["best"], "chosen": pick["chosen"],
             "curve_of_longest": [dict(zip(("mean", "se"), c)) for c in curve],

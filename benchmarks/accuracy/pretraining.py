@@ -30,6 +30,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from hf_flat.compare import mean_and_se
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -91,12 +93,6 @@ def run(opts, name, folder, rate, seed):
         return json.load(f)
 
 
-def mean_se(values):
-    n = len(values)
-    m = sum(values) / n
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0)
-
-
 def markdown(result):
     lines = ["| start | pretraining epochs | MLM eval loss (perplexity) | learning rate | validation accuracy (%) | "
              "paired difference to scratch (points) |", "|---|---|---|---|---|---|"]
@@ -123,9 +119,9 @@ def main(argv=None):
             mine = [accuracy[name, rate, seed] for seed in opts.seeds]
             diffs = [accuracy[name, rate, seed] - accuracy["scratch", rate, seed] for seed in opts.seeds]
             rows.append({"start": name, "pretraining_epochs": epochs, "mlm_eval_loss": loss, "learning_rate": rate,
-                         "accuracy": mean_se(mine)[0], "accuracy_se": mean_se(mine)[1],
-                         "paired_difference": mean_se(diffs)[0], "paired_difference_se": mean_se(diffs)[1],
-                         "train_runtime_s": mean_se([runtime[name, rate, seed] for seed in opts.seeds])[0]})
+                         "accuracy": mean_and_se(mine)[0], "accuracy_se": mean_and_se(mine)[1],
+                         "paired_difference": mean_and_se(diffs)[0], "paired_difference_se": mean_and_se(diffs)[1],
+                         "train_runtime_s": mean_and_se([runtime[name, rate, seed] for seed in opts.seeds])[0]})
     result = {"seeds": opts.seeds, "epochs": opts.epochs, "max_train_samples": opts.max_train_samples,
               "learning_rates": opts.learning_rates, "rows": rows,
               "runs": [{"start": s[0], "learning_rate": rate, "seed": seed, "eval_accuracy": accuracy[s[0], rate, seed],

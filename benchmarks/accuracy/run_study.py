@@ -52,6 +52,8 @@ import os
 import subprocess
 import sys
 
+from hf_flat.compare import mean_and_se
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ["none", "sam", "asam", "avg_sam", "gsam", "looksam", "esam", "saf", "mesa", "swa", "ema", "lawa", "wasam"]
 #: Starts, as fractions of the run (Kaddour et al.'s averaging grid), for averaging and for SAF / MESA.
@@ -142,14 +144,6 @@ def run_compare(opts, setting):
         return json.load(f), command
 
 
-def mean_se(values):
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan
-    m = sum(values) / n
-    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0)
-
-
 def summarise(result):
     """Per method: accuracy, paired difference, cost ratio (mean ± SE over seeds), the chosen setting and
     for how many tuning seeds it was their own best (`agree`)."""
@@ -160,13 +154,13 @@ def summarise(result):
         m = row["method"]
         mine = [r for r in runs if r["method"] == m]
         ratios = [r["metrics"]["train_runtime"] / base[r["seed"]] for r in mine if r["seed"] in base]
-        ratio, ratio_se = mean_se(ratios)
+        ratio, ratio_se = mean_and_se(ratios)
         rows.append({"method": m, "chosen": result["chosen"].get(m), "n": row["n"],
                      "agree": result.get("stability", {}).get(m, {}).get("agree"), "accuracy": row["mean"],
                      "accuracy_se": row["se"], "paired_difference": row.get("paired_difference"),
                      "paired_difference_se": row.get("paired_difference_se"), "bold": row["bold"],
                      "time_ratio": ratio, "time_ratio_se": ratio_se,
-                     "train_runtime_s": mean_se([r["metrics"]["train_runtime"] for r in mine])[0]})
+                     "train_runtime_s": mean_and_se([r["metrics"]["train_runtime"] for r in mine])[0]})
     return rows
 
 
