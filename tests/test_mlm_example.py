@@ -47,7 +47,12 @@ def test_pretraining_trains_and_resumes_exactly(tmp_path, corpus):
     assert metrics["train_loss"] > 0 and 1 < metrics["perplexity"] < 300  # (300 tokens: a uniform guess)
     assert any(not torch.equal(full[k], start[k]) for k in full)  # the last 3 steps moved the weights
     config = json.loads((tmp_path / "full" / "config.json").read_text())
-    assert config["architectures"] == ["RobertaForMaskedLM"] and config["vocab_size"] <= 300
+    assert config["model_type"] == "roberta" and config["vocab_size"] <= 300
+    from transformers import AutoModelForMaskedLM  # the folder is a RoBERTa masked LM to any loader
+
+    loaded = AutoModelForMaskedLM.from_pretrained(str(tmp_path / "full"))
+    assert type(loaded).__name__ == "RobertaForMaskedLM"
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in full.items())
     resumed_metrics = pretrain(corpus, tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-3"))
     resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     for name, value in full.items():
@@ -132,3 +137,31 @@ def test_masks_depend_on_the_block_and_the_epoch_only_and_follow_berts_rule():
     state.epoch = 1.0
     collator.on_epoch_begin(None, state, None)  # a new epoch draws new masks
     assert collator.epoch == 1 and not torch.equal(collator([example(3)])["labels"][0], batch["labels"][3])
+
+
+def test_the_head_on_masked_tokens_only_gives_robertas_loss_and_gradients():
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    config = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=20, type_vocab_size=1, pad_token_id=1)
+    torch.manual_seed(0)
+    plain = RobertaForMaskedLM(config).eval()
+    ours = run_mlm.RobertaForMaskedLMOnMasks(config).eval()
+    ours.load_state_dict(plain.state_dict())
+    input_ids = torch.randint(3, 50, (3, 12))
+    labels = torch.where(torch.rand(3, 12) < 0.3, input_ids, torch.full_like(input_ids, -100))
+    labels[0, 0] = input_ids[0, 0]  # at least one label
+    expected, got = plain(input_ids=input_ids, labels=labels), ours(input_ids=input_ids, labels=labels)
+    chosen = labels != -100
+    # the loss by hand: mean cross-entropy of the full model's logits at the labelled tokens
+    by_hand = torch.nn.functional.cross_entropy(expected.logits[chosen], labels[chosen])
+    torch.testing.assert_close(got.loss, by_hand)
+    torch.testing.assert_close(got.loss, expected.loss)
+    torch.testing.assert_close(got.logits, expected.logits[chosen])
+    expected.loss.backward()
+    got.loss.backward()
+    grads = dict(ours.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, msg=name)
+    # without labels it is RoBERTa's masked LM, every position predicted
+    torch.testing.assert_close(ours(input_ids=input_ids).logits, expected.logits.detach())

@@ -7,6 +7,8 @@ import math
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "accuracy"))  # (convergence.py, run_study.py)
 import convergence  # noqa: E402
 
@@ -77,16 +79,15 @@ def test_the_study_runs_end_to_end_in_a_tiny_mode(tmp_path):
     assert "(chosen) |" in page and (tmp_path / "plot.png").stat().st_size > 0
 
 
-def test_the_pretraining_control_runs_end_to_end_in_a_tiny_mode(tmp_path):
-    """benchmarks/accuracy/pretraining.py on a tiny pretraining (2 epochs, a checkpoint each) and a tiny
-    task: a row per start and rate, the scratch control, and paired differences as computed by hand."""
+@pytest.fixture(scope="module")
+def tiny_wordnet(tmp_path_factory):
+    """A tiny pretraining (2 epochs, a checkpoint each) and a tiny task folder in wordnet_data.py's layout."""
     import csv
-
-    import pretraining
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "pretrain"))
     import run_mlm
 
+    tmp_path = tmp_path_factory.mktemp("wordnet")
     words = ["dog", "cat", "horse", "river", "stone", "storm", "runs", "sings", "falls", "grows"]
     lines = [f"the {words[i % 6]} {words[6 + i % 4]} near the {words[(i * 7) % 6]}" for i in range(120)]
     (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
@@ -96,16 +97,24 @@ def test_the_pretraining_control_runs_end_to_end_in_a_tiny_mode(tmp_path):
                   "--use_cpu", "true", "--seed", "0"])
     task = tmp_path / "data" / "task"
     task.mkdir(parents=True)
-    for split, n in (("train", 40), ("validation", 12)):
+    for split, n in (("train", 40), ("validation", 12), ("test", 10)):
         with open(task / f"{split}.csv", "w", newline="") as f:
             csv.writer(f).writerows([["text", "label", "synset"]] + [
                 [f"a {words[i % 6]} that {words[6 + i % 4]}", "noun.animal" if i % 6 < 3 else "noun.object", f"s{i}"]
                 for i in range(n)])
-    result = pretraining.main(["--data", str(tmp_path / "data"), "--model", str(tmp_path / "mlm"), "--seeds", "0", "1",
+    return tmp_path
+
+
+def test_the_pretraining_control_runs_end_to_end_in_a_tiny_mode(tmp_path, tiny_wordnet):
+    """benchmarks/accuracy/pretraining.py on a tiny pretraining (2 epochs, a checkpoint each) and a tiny
+    task: a row per start and rate, the scratch control, and paired differences as computed by hand."""
+    import pretraining
+
+    result = pretraining.main(["--data", str(tiny_wordnet / "data"), "--model", str(tiny_wordnet / "mlm"), "--seeds", "0", "1",
                                "--learning_rates", "1e-3", "--epochs", "1", "--max_train_samples", "16", "--jobs", "1",
                                "--output_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "p.json"),
                                "--markdown", str(tmp_path / "p.md")])
-    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "mlm").glob("checkpoint-*"))
+    steps = sorted(int(p.name.split("-")[1]) for p in (tiny_wordnet / "mlm").glob("checkpoint-*"))
     assert len(steps) == 2 and steps[1] == 2 * steps[0]  # a checkpoint per epoch; the last is the final model
     assert [r["start"] for r in result["rows"]] == [f"checkpoint-{steps[0]}", f"checkpoint-{steps[1]}", "scratch"]
     assert [r["pretraining_epochs"] for r in result["rows"]] == [1, 2, None]
@@ -115,6 +124,33 @@ def test_the_pretraining_control_runs_end_to_end_in_a_tiny_mode(tmp_path):
     assert math.isclose(result["rows"][1]["paired_difference"], sum(d) / 2)
     assert math.isclose(result["rows"][1]["paired_difference_se"], abs(d[0] - d[1]) / 2)
     assert "| scratch | - | - | 1e-3 |" in (tmp_path / "p.md").read_text()
+
+
+def test_the_wordnet_study_runs_end_to_end_in_a_tiny_mode(tmp_path, tiny_wordnet):
+    """run_study.py --task wordnet: every method on the pretrained model, tuned on held-out training rows,
+    scored on the test split; the scratch control runs the plain Trainer only, with new weights."""
+    import run_study
+
+    run_study.main(["--task", "wordnet", "--data", str(tiny_wordnet / "data"), "--model", str(tiny_wordnet / "mlm"),
+                    "--methods", "none", "sam", "--seeds", "0", "1", "--tuning_seeds", "7", "8", "--epochs", "1",
+                    "--max_train_samples", "16", "--learning_rate", "1e-3",
+                    "--output_dir", str(tmp_path / "runs"), "--results", str(tmp_path / "r.json"),
+                    "--page", str(tmp_path / "page.md"), "--plot", str(tmp_path / "plot.png")])
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["task"] == "wordnet" and results["epochs"] == {"pretrained": 1, "scratch": 1}
+    pretrained, scratch = results["studies"]["pretrained"], results["studies"]["scratch"]
+    assert {r["method"] for r in pretrained["summary"]} == {"none", "sam"}
+    assert [r["method"] for r in scratch["summary"]] == ["none"] and all(r["n"] == 2 for r in scratch["summary"])
+    assert len(pretrained["tuning"]["sam"]) == 5 * 2  # 5 radii x 2 tuning seeds
+    # scored on the test split (10 rows), the control from new weights, the rest from the pretrained model
+    command = scratch["command"]
+    assert command[command.index("--validation_file") + 1].endswith(os.path.join("task", "test.csv"))
+    assert "--from_scratch" in command and "--from_scratch" not in pretrained["command"]
+    plain = {r["seed"]: r["eval_loss"] for r in pretrained["runs"] if r["method"] == "none"}
+    assert all(r["eval_loss"] != plain[r["seed"]] for r in scratch["runs"])  # another start, seed by seed
+    page = (tmp_path / "page.md").read_text()
+    assert page.startswith("# Accuracy and cost of every method, fine-tuning a pretrained model (WordNet)")
+    assert "## from scratch (the control), 1 epochs" in page and "(chosen) |" in page
 
 
 def test_the_readme_main_job_reruns_the_study_rows_with_the_values_it_chose():

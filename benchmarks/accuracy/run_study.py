@@ -43,6 +43,19 @@ by `grids(epochs)`:
 Cost: each run's `train_runtime` over the plain Trainer's (`none`) with the same seed, in the same
 study, runs going two at a time on one CPU thread each. The evaluation after training is not
 included; the averaging methods' final BatchNorm pass would be (ViT has no BatchNorm).
+
+**The pretrained regime** (`--task wordnet`): the same protocol on the WordNet task of
+`examples/pretrain/wordnet_data.py` (`--data`: a synset's lexicographer file, 45 classes, from its
+definition), fine-tuning with `examples/glue/run_glue.py` the masked LM that
+`examples/pretrain/run_mlm.py` pretrained on the WordNet corpus (`--model`), as the papers fine-tune
+RoBERTa and ViT: a few epochs (`WORDNET_EPOCHS`), on `--max_train_samples` training rows, at the
+learning rate `benchmarks/accuracy/pretraining.py` found best for the pretrained start on the
+validation split (`--learning_rate`). Tuning holds out 20% of the training split (each tuning
+seed its own), the final runs are scored on the task's test split, and a second setting runs the
+plain Trainer on the same architecture from scratch (`--from_scratch true`): the control that says
+the pretraining helps. Grids as above, fitted to the run's length.
+
+    .venv/bin/python benchmarks/accuracy/run_study.py --task wordnet --data data/wordnet --model out/wordnet-mlm
 """
 
 import argparse
@@ -65,6 +78,8 @@ WINDOW_FRACTIONS = (1 / 16, 1 / 4)
 EPOCHS = {"clean": 30, "noise40": 15}
 #: Optimizer steps per epoch of a final run: 1,437 training images at batch 32.
 STEPS_PER_EPOCH = 45
+#: Fine-tuning epochs on the WordNet task, from a pretrained start (the papers fine-tune for a few epochs).
+WORDNET_EPOCHS = 3
 
 
 def decays(epochs: int, steps_per_epoch: int = STEPS_PER_EPOCH) -> str:
@@ -72,7 +87,7 @@ def decays(epochs: int, steps_per_epoch: int = STEPS_PER_EPOCH) -> str:
     return ",".join(f"{1 - 1 / max(2.0, f * epochs * steps_per_epoch):.5g}" for f in WINDOW_FRACTIONS)
 
 
-def grids(epochs: int) -> list[str]:
+def grids(epochs: int, steps_per_epoch: int = STEPS_PER_EPOCH) -> list[str]:
     """The grids for a run of `epochs` epochs: SAF's and MESA's start epochs are the averaging
     grid's fractions of the run (rounded, at least 1, without repeats), and the EMA's and MESA's
     decays give windows of a 16th and a quarter of the run, so they fit its length; the snapshot
@@ -87,17 +102,39 @@ def grids(epochs: int) -> list[str]:
         "avg_sam:sam_rho=0.1,0.2,0.5,1.0",
         "wasam:sam_rho=0.02,0.05,0.1",
         "wasam:average_start=0.5,0.75",
-        f"ema:ema_decay={decays(epochs)}",
+        f"ema:ema_decay={decays(epochs, steps_per_epoch)}",
         f"saf:saf_start_epoch={starts}",
         f"mesa:mesa_start_epoch={starts}",
-        f"mesa:mesa_decay={decays(epochs)}",
+        f"mesa:mesa_decay={decays(epochs, steps_per_epoch)}",
         "looksam:looksam_alpha=0.1",  # 0.3 and 0.7 (the paper's) did not learn at batch 32 (the 8-epoch study)
         "esam:esam_gamma=1.0",  # 0.5 (the paper's) lost at every rho in the 8-epoch study
     ]
 
 
 SETTINGS = {"clean": [], "noise40": ["--label_noise", "0.4"]}
-LABELS = {"clean": "clean labels", "noise40": "40% label noise"}
+LABELS = {"clean": "clean labels", "noise40": "40% label noise",
+          "pretrained": "from the pretrained model", "scratch": "from scratch (the control)"}
+TASK_SETTINGS = {"digits": ["clean", "noise40"], "wordnet": ["pretrained", "scratch"]}
+
+
+def wordnet_arguments(opts, setting):
+    """run_glue.py's arguments for a WordNet setting: the task's training rows, scored on its test split."""
+    task = os.path.join(opts.data, "task")
+    return ["--model_name_or_path", opts.model, *(["--from_scratch", "true"] if setting == "scratch" else []),
+            "--train_file", os.path.join(task, "train.csv"), "--validation_file", os.path.join(task, "test.csv"),
+            "--text_column_names", "text", "--max_train_samples", str(opts.max_train_samples),
+            "--learning_rate", opts.learning_rate, "--warmup_steps", "0.06", "--per_device_train_batch_size", "32",
+            "--per_device_eval_batch_size", "256", "--eval_strategy", "no"]
+
+
+def task_of(opts):
+    """What differs between the tasks: script, each setting's arguments and methods, steps per epoch."""
+    if opts.task == "digits":
+        return {"script": "examples/vit/run_vit.py", "arguments": lambda s: SETTINGS[s], "methods": lambda s: opts.methods,
+                "steps_per_epoch": STEPS_PER_EPOCH}
+    return {"script": "examples/glue/run_glue.py", "arguments": lambda s: wordnet_arguments(opts, s),
+            "methods": lambda s: [m for m in opts.methods if s == "pretrained" or m == "none"],  # the control: plain only
+            "steps_per_epoch": math.ceil(opts.max_train_samples / 32)}
 
 
 def parse(argv=None):
@@ -106,21 +143,41 @@ def parse(argv=None):
     p.add_argument("--tuning_seeds", nargs="+", type=int, default=[100, 101],
                    help="the tuning runs' seeds: each draws its own held-out split, initialisation, order and noise")
     p.add_argument("--holdout_fraction", type=float, default=0.2, help="the tuning runs' held-out share")
-    p.add_argument("--epochs", type=int, default=None, help="one budget for every setting (default: EPOCHS)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="one budget for every setting (default: EPOCHS, or WORDNET_EPOCHS for --task wordnet)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--output_dir", default=os.path.join(ROOT, "out", "accuracy"), help="the runs")
-    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "accuracy", "results.json"))
-    p.add_argument("--page", default=os.path.join(ROOT, "docs", "accuracy.md"))
-    p.add_argument("--plot", default=os.path.join(ROOT, "docs", "images", "accuracy_cost.png"))
+    p.add_argument("--task", choices=list(TASK_SETTINGS), default="digits",
+                   help="digits: the ViT from scratch; wordnet: fine-tuning the WordNet-pretrained masked LM")
+    p.add_argument("--settings", nargs="+", default=None, choices=list(LABELS),
+                   help="default: the task's (clean noise40 for digits, pretrained scratch for wordnet)")
+    p.add_argument("--data", help="--task wordnet: the folder examples/pretrain/wordnet_data.py wrote")
+    p.add_argument("--model", help="--task wordnet: the folder examples/pretrain/run_mlm.py wrote")
+    p.add_argument("--max_train_samples", type=int, default=5000, help="--task wordnet: training rows")
+    p.add_argument("--learning_rate", default="1e-3", help="--task wordnet: the fine-tuning learning rate")
+    p.add_argument("--output_dir", default=None, help="the runs (default: out/accuracy, or out/accuracy-wordnet)")
+    p.add_argument("--results", default=None, help="default: benchmarks/accuracy/results.json (results-wordnet.json)")
+    p.add_argument("--page", default=None, help="default: docs/accuracy.md (accuracy-wordnet.md)")
+    p.add_argument("--plot", default=None, help="default: docs/images/accuracy_cost.png (accuracy_cost_wordnet.png)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                   help="more run_vit.py arguments, after everything else (e.g. --extra --max_train_samples 200)")
-    return p.parse_args(argv)
+                   help="more script arguments, after everything else (e.g. --extra --max_train_samples 200)")
+    opts = p.parse_args(argv)
+    opts.settings = opts.settings or TASK_SETTINGS[opts.task]
+    wrong = [s for s in opts.settings if s not in TASK_SETTINGS[opts.task]]
+    if wrong:
+        p.error(f"--settings {' '.join(wrong)}: --task {opts.task} has {' '.join(TASK_SETTINGS[opts.task])}")
+    if opts.task == "wordnet" and not (opts.data and opts.model):
+        p.error("--task wordnet needs --data (wordnet_data.py's folder) and --model (run_mlm.py's folder)")
+    tail = "" if opts.task == "digits" else "-wordnet"
+    opts.output_dir = opts.output_dir or os.path.join(ROOT, "out", "accuracy" + tail)
+    opts.results = opts.results or os.path.join(ROOT, "benchmarks", "accuracy", f"results{tail}.json")
+    opts.page = opts.page or os.path.join(ROOT, "docs", f"accuracy{tail}.md")
+    opts.plot = opts.plot or os.path.join(ROOT, "docs", "images", f"accuracy_cost{tail.replace('-', '_')}.png")
+    return opts
 
 
 def epochs_of(opts, setting):
-    return opts.epochs or EPOCHS[setting]
+    return opts.epochs or (EPOCHS[setting] if opts.task == "digits" else WORDNET_EPOCHS)
 
 
 def budgets_text(opts):
@@ -129,13 +186,16 @@ def budgets_text(opts):
 
 def run_compare(opts, setting):
     """`hf-flat compare` for one setting; its comparison.json."""
-    out = os.path.join(opts.output_dir, setting)
-    flags = [x for g in grids(epochs_of(opts, setting)) if g.partition(":")[0] in opts.methods or ":" not in g for x in ("--grid", g)]
-    command = [sys.executable, "-m", "hf_flat.cli", "compare", "--script", os.path.join(ROOT, "examples/vit/run_vit.py"),
-               "--methods", *opts.methods, "--seeds", *map(str, opts.seeds), "--jobs", str(opts.jobs), "--quiet",
+    out, task = os.path.join(opts.output_dir, setting), task_of(opts)
+    methods = task["methods"](setting)
+    tuned = [m for m in methods if m != "none"]  # (the plain Trainer has nothing to tune)
+    flags = [x for g in grids(epochs_of(opts, setting), task["steps_per_epoch"]) if tuned
+             and (g.partition(":")[0] in methods or ":" not in g) for x in ("--grid", g)]
+    command = [sys.executable, "-m", "hf_flat.cli", "compare", "--script", os.path.join(ROOT, task["script"]),
+               "--methods", *methods, "--seeds", *map(str, opts.seeds), "--jobs", str(opts.jobs), "--quiet",
                "--tuning_seeds", *map(str, opts.tuning_seeds), "--holdout_fraction", str(opts.holdout_fraction),
                *flags, "--output_dir", out, "--", "--num_train_epochs", str(epochs_of(opts, setting)),
-               *SETTINGS[setting], *opts.extra]
+               *task["arguments"](setting), *opts.extra]
     print("$", " ".join(command[2:]), flush=True)
     code = subprocess.run(command, cwd=ROOT).returncode
     if code not in (0, 1):  # 1: some runs failed, which the page reports
@@ -168,7 +228,42 @@ def fmt(x, spec=".2f", scale=100.0):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{scale * x:{spec}}"
 
 
+def wordnet_intro(opts):
+    """The WordNet page's header: the task, the pretraining and the protocol."""
+    config, pretraining = {}, {}
+    for name, target in (("config.json", config), ("all_results.json", pretraining)):
+        path = os.path.join(opts.model, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                target.update(json.load(f))
+    size = (f"RoBERTa of hidden size {config.get('hidden_size')}, {config.get('num_hidden_layers')} layers, a "
+            f"{config.get('vocab_size')}-token vocabulary") if config else "RoBERTa"
+    loss = f", held-out MLM loss {pretraining['eval_loss']:.2f}" if "eval_loss" in pretraining else ""
+    return ["# Accuracy and cost of every method, fine-tuning a pretrained model (WordNet)", "",
+            "Written by `benchmarks/accuracy/run_study.py --task wordnet` (its docstring gives the command); every "
+            f"number below is in `benchmarks/accuracy/{os.path.basename(opts.results)}`.", "",
+            "Task: a WordNet synset's lexicographer file (45 classes such as noun.animal, verb.motion) predicted from "
+            "its definition (`examples/pretrain/wordnet_data.py`, splits fixed by synset). The model: a small "
+            f"{size}, pretrained by masked-language modelling on the WordNet corpus, which holds no test text "
+            f"(`examples/pretrain/run_mlm.py`, {pretraining.get('epoch', '?')} epochs{loss}; "
+            "`benchmarks/accuracy/pretraining.md` shows that this start beats the same model from scratch). "
+            f"Fine-tuning (`examples/glue/run_glue.py`): the first {opts.max_train_samples} training rows, AdamW at "
+            f"{opts.learning_rate} (the pretrained start's best rate on the validation split), linear decay after 6% "
+            f"warmup, batch 32, {budgets_text(opts)} epochs, as the papers fine-tune for a few epochs. Final seeds "
+            + ", ".join(map(str, opts.seeds)) + " (a seed fixes the new classifier head, dropout and the data order; from "
+            "scratch, every weight), scored on the task's test split.", "",
+            "Tuning: each grid point runs once per tuning seed (" + ", ".join(map(str, opts.tuning_seeds)) + ", none "
+            f"of them a final seed), scored on {100 * opts.holdout_fraction:.0f}% of the training split held out (each "
+            f"seed its own; the first {opts.max_train_samples} of the other rows train); the best mean held-out accuracy "
+            "is chosen and the tables say for how many tuning seeds it was also their own best. Grids are in "
+            "`run_study.py`'s docstring, fitted to the run's length, and below as run.", "",
+            "Cost: training time (`train_runtime`) over the plain Trainer's with the same seed, mean ± SE over seeds, "
+            "runs going two at a time on one CPU thread each of a 2-core machine.", ""]
+
+
 def page(opts, studies):
+    if opts.task == "wordnet":
+        return page_body(opts, studies, wordnet_intro(opts))
     lines = ["# Accuracy and cost of every method on digits", "",
              "Written by `benchmarks/accuracy/run_study.py` (rerun: `.venv/bin/python benchmarks/accuracy/run_study.py`); "
              "every number below is in `benchmarks/accuracy/results.json`.", "",
@@ -191,13 +286,20 @@ def page(opts, studies):
              "run); every tuning run is listed below.", "",
              "Cost: training time (`train_runtime`) over the plain Trainer's with the same seed, mean ± SE over "
              "seeds, runs going two at a time on one CPU thread each of a 2-core machine.", ""]
-    convergence = os.path.join(os.path.dirname(os.path.abspath(__file__)), "convergence.md")
-    if os.path.isfile(convergence):  # the epoch budget, from benchmarks/accuracy/convergence.py
+    return page_body(opts, studies, lines)
+
+
+def page_body(opts, studies, lines):
+    """The page after its header: the epoch budget (digits), the reading, the plot, then per setting the
+    table of chosen points and results, every tuning run and every final run."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    convergence = os.path.join(here, "convergence.md")
+    if opts.task == "digits" and os.path.isfile(convergence):  # the epoch budget, from benchmarks/accuracy/convergence.py
         with open(convergence) as f:
             lines += ["## The epoch budget: how long the plain Trainer needs", "",
                       "From `benchmarks/accuracy/convergence.py` (its docstring gives the rule):", "",
                       "### " + f.read().strip().split("\n## ", 1)[1].replace("\n## ", "\n### "), ""]
-    reading = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reading.md")
+    reading = os.path.join(here, "reading.md" if opts.task == "digits" else f"reading-{opts.task}.md")
     if os.path.isfile(reading):  # what the tables show, written by hand after the run that made them
         with open(reading) as f:
             lines += [f.read().strip(), ""]
@@ -254,7 +356,7 @@ def page(opts, studies):
     return "\n".join(lines)
 
 
-def plot(studies, path):
+def plot(studies, path, task="digits"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -273,7 +375,7 @@ def plot(studies, path):
                         xytext=(5, 4), fontsize=8)
         ax.set_xlabel("training time / plain Trainer's (same seed)")
         ax.set_ylabel("test accuracy (%), mean ± SE over seeds")
-        ax.set_title(f"digits, {LABELS[setting]}")
+        ax.set_title(f"{task}, {LABELS[setting]}")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -300,14 +402,17 @@ def main(argv=None):
                                    for t in ts] for m, ts in st["tuning"].items()}}
             for s, st in studies.items()}
     with open(opts.results, "w") as f:
-        json.dump({"epochs": {s: epochs_of(opts, s) for s in opts.settings}, "seeds": opts.seeds,
+        json.dump({"task": opts.task, "epochs": {s: epochs_of(opts, s) for s in opts.settings}, "seeds": opts.seeds,
                    "tuning_seeds": opts.tuning_seeds, "holdout_fraction": opts.holdout_fraction,
-                   "grids": {s: grids(epochs_of(opts, s)) for s in opts.settings}, "studies": slim}, f, indent=1)
+                   "grids": {s: grids(epochs_of(opts, s), task_of(opts)["steps_per_epoch"]) for s in opts.settings},
+                   **({"max_train_samples": opts.max_train_samples, "learning_rate": opts.learning_rate}
+                      if opts.task == "wordnet" else {}),
+                   "studies": slim}, f, indent=1)
     text = page(opts, studies)
     os.makedirs(os.path.dirname(opts.page), exist_ok=True)
     with open(opts.page, "w") as f:
         f.write(text + "\n")
-    plot(studies, opts.plot)
+    plot(studies, opts.plot, opts.task)
     print(f"wrote {opts.results}, {opts.page}, {opts.plot}")
 
 
