@@ -139,6 +139,11 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, tiny_robe
         assert abs(full["eval_loss"] - again["eval_loss"]) < 1e-6
     saved = json.loads((resumed / "all_results.json").read_text())
     assert saved["flat_method"] == method and isinstance(saved["flat_warnings"], list)
+    # information (such as the SAF memory's size) is not recorded as a warning: `hf-flat compare`
+    # marks a run with a warning as suspect
+    for folder in (whole, resumed):
+        warnings = json.loads((folder / "all_results.json").read_text())["flat_warnings"]
+        assert not any("SAF memory" in w for w in warnings), warnings
     expected = {"wasam": {"sam_rho", "sam_m", "sam_scope", "sam_start", "sam_interval", "average_start", "average_freq",
                           "average_bn_batches", "swa_lr", "swa_anneal_steps", "swa_anneal_strategy", "swa_cycle_steps"},
                 "saf": {"saf_lambda", "saf_tau", "saf_start_epoch", "saf_past_epochs"},

@@ -142,7 +142,7 @@ class SAF(TrajectoryMethod):
             )
         if self.logits is None:
             self.allocate(len(trainer.train_dataset), logits.shape[-1])
-            logger.warning(f"SAF memory: {self.nbytes / 2**20:.1f} MB of host memory.")
+            logger.info(f"SAF memory: {self.nbytes / 2**20:.1f} MB of host memory.")  # (information, not a warning)
         kind = head_kind(trainer.model, logits)
         host = trainer._sample_host_indices
         return self.loss(logits, indices, int(trainer.state.epoch or 0), trainer.accelerator.gather, kind,
