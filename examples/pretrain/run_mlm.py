@@ -37,6 +37,8 @@ import tempfile
 from dataclasses import dataclass, field
 from itertools import chain
 
+import torch.nn.functional as F
+
 from transformers import (
     AutoConfig,
     AutoModelForMaskedLM,
@@ -47,6 +49,7 @@ from transformers import (
     TrainerCallback,
     set_seed,
 )
+from transformers.modeling_outputs import MaskedLMOutput
 
 from hf_flat import FlatTrainer, FlatTrainingArguments
 from hf_flat.scripts import ScriptError, check_evaluation_data, parse_script_args, run, save_results, train_and_evaluate
@@ -129,9 +132,6 @@ class RobertaForMaskedLMOnMasks(RobertaForMaskedLM):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if labels is None:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        import torch.nn.functional as F
-        from transformers.modeling_outputs import MaskedLMOutput
-
         hidden = self.roberta(input_ids, attention_mask=attention_mask, **kwargs)[0]
         chosen = labels != -100
         logits = self.lm_head(hidden[chosen])
