@@ -56,6 +56,16 @@ def test_saf_and_mesa_starts_are_the_averaging_fractions_of_the_run():
     windows = [1 / (1 - float(d)) for d in run_study.decays(30).split(",")]
     assert math.isclose(windows[0], 1350 / 16, rel_tol=1e-2) and math.isclose(windows[1], 1350 / 4, rel_tol=1e-2)
     assert f"mesa:mesa_decay={run_study.decays(15)}" in run_study.grids(15) and run_study.decays(15) != run_study.decays(30)
+    # the WordNet study's coarse grid: 3 radii, 2 starts, WASAM at 0.05, the same decays; SAF and MESA start
+    # within a 3-epoch run (epochs 0-2), and SAF looks 1 epoch back, so that both act (the 3 past epochs of
+    # the paper and a start at epoch 3 kept them off in a first run of the study: the plain runs, to the digit)
+    fine, coarse = run_study.grids(3, 157), run_study.coarse_grids(3, 157)
+    assert "sam_rho=0.01,0.05,0.2" in coarse and "asam:sam_rho=0.1,0.5,2.0" in coarse and "wasam:sam_rho=0.05" in coarse
+    assert "average_start=0.5,0.75" in coarse and "average_freq=0,10" in coarse
+    assert [g for g in coarse if g.startswith(("ema", "mesa:mesa_decay", "looksam", "esam"))] == \
+        [g for g in fine if g.startswith(("ema", "mesa:mesa_decay", "looksam", "esam"))]
+    assert {"saf:saf_start_epoch=1,2", "mesa:mesa_start_epoch=1,2", "saf:saf_past_epochs=1"} <= set(coarse)
+    assert "saf:saf_start_epoch=5,7" in run_study.coarse_grids(10, 157)  # a half and three quarters of epochs 0-9
 
 
 def test_the_study_runs_end_to_end_in_a_tiny_mode(tmp_path):
@@ -141,7 +151,8 @@ def test_the_wordnet_study_runs_end_to_end_in_a_tiny_mode(tmp_path, tiny_wordnet
     pretrained, scratch = results["studies"]["pretrained"], results["studies"]["scratch"]
     assert {r["method"] for r in pretrained["summary"]} == {"none", "sam"}
     assert [r["method"] for r in scratch["summary"]] == ["none"] and all(r["n"] == 2 for r in scratch["summary"])
-    assert len(pretrained["tuning"]["sam"]) == 5 * 2  # 5 radii x 2 tuning seeds
+    assert len(pretrained["tuning"]["sam"]) == 3 * 2  # the coarse grid's 3 radii x 2 tuning seeds
+    assert results["grids"]["pretrained"] == run_study.coarse_grids(1, 1)
     # scored on the test split (10 rows), the control from new weights, the rest from the pretrained model
     command = scratch["command"]
     assert command[command.index("--validation_file") + 1].endswith(os.path.join("task", "test.csv"))
@@ -178,3 +189,18 @@ def test_the_readme_main_job_reruns_the_study_rows_with_the_values_it_chose():
             given.setdefault(method, {})[name] = value
     assert given == {m: chosen[m] for m in methods if chosen[m]}
     assert ours[ours.index("--seeds") + 1:ours.index("--jobs")] == [str(s) for s in results["seeds"]]
+
+
+def test_the_readme_wordnet_tables_are_the_studys_results():
+    """The README's WordNet tables are run_study.py's tables of benchmarks/accuracy/results-wordnet.json,
+    row for row: a rerun of the study that changes a number fails here until the README follows."""
+    import run_study
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "benchmarks", "accuracy", "results-wordnet.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    for setting in ("pretrained", "scratch"):
+        rows = run_study.summary_table(results["studies"][setting]["summary"], len(results["tuning_seeds"]))
+        assert len(rows) > 2 and all(row in readme for row in rows[2:]), setting

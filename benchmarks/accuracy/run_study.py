@@ -53,7 +53,7 @@ learning rate `benchmarks/accuracy/pretraining.py` found best for the pretrained
 validation split (`--learning_rate`). Tuning holds out 20% of the training split (each tuning
 seed its own), the final runs are scored on the task's test split, and a second setting runs the
 plain Trainer on the same architecture from scratch (`--from_scratch true`): the control that says
-the pretraining helps. Grids as above, fitted to the run's length.
+the pretraining helps. Grids: `coarse_grids`, a coarser version of the ones above (the runs are longer).
 
     .venv/bin/python benchmarks/accuracy/run_study.py --task wordnet --data data/wordnet --model out/wordnet-mlm
 """
@@ -111,6 +111,21 @@ def grids(epochs: int, steps_per_epoch: int = STEPS_PER_EPOCH) -> list[str]:
     ]
 
 
+def coarse_grids(epochs: int, steps_per_epoch: int) -> list[str]:
+    """The WordNet study's grids: `grids` with three radii per method (its ends and middle), averaging
+    starts at a half and three quarters of the run, and WASAM at rho 0.05 only (Foret et al.'s value for
+    fine-tuning), so that 5,000-row fine-tuning runs, three times as long as the digits' ones, fit about
+    75 minutes on 2 CPU cores. The decays and the snapshot frequencies are those of `grids`. SAF and MESA
+    start at a half and three quarters of the run's epochs, numbered from 0 (epochs 1 and 2 of 0-2 for 3
+    epochs), and SAF compares with the outputs of one epoch before (`saf_past_epochs=1`): with the
+    paper's 3 past epochs, or a start at the last epoch's number + 1, a 3-epoch run never uses the term."""
+    starts = ",".join(str(e) for e in dict.fromkeys(min(epochs - 1, max(1, math.floor(f * epochs))) for f in (0.5, 0.75)))
+    coarse = {"saf:saf_start_epoch": f"saf:saf_start_epoch={starts}", "mesa:mesa_start_epoch": f"mesa:mesa_start_epoch={starts}","sam_rho": "sam_rho=0.01,0.05,0.2", "average_start": "average_start=0.5,0.75",
+              "asam:sam_rho": "asam:sam_rho=0.1,0.5,2.0", "avg_sam:sam_rho": "avg_sam:sam_rho=0.1,0.5,1.0",
+              "wasam:sam_rho": "wasam:sam_rho=0.05", "wasam:average_start": "wasam:average_start=0.5,0.75"}
+    return [coarse.get(g.partition("=")[0], g) for g in grids(epochs, steps_per_epoch)] + ["saf:saf_past_epochs=1"]
+
+
 SETTINGS = {"clean": [], "noise40": ["--label_noise", "0.4"]}
 LABELS = {"clean": "clean labels", "noise40": "40% label noise",
           "pretrained": "from the pretrained model", "scratch": "from scratch (the control)"}
@@ -131,8 +146,8 @@ def task_of(opts):
     """What differs between the tasks: script, each setting's arguments and methods, steps per epoch."""
     if opts.task == "digits":
         return {"script": "examples/vit/run_vit.py", "arguments": lambda s: SETTINGS[s], "methods": lambda s: opts.methods,
-                "steps_per_epoch": STEPS_PER_EPOCH}
-    return {"script": "examples/glue/run_glue.py", "arguments": lambda s: wordnet_arguments(opts, s),
+                "steps_per_epoch": STEPS_PER_EPOCH, "grids": grids}
+    return {"script": "examples/glue/run_glue.py", "arguments": lambda s: wordnet_arguments(opts, s), "grids": coarse_grids,
             "methods": lambda s: [m for m in opts.methods if s == "pretrained" or m == "none"],  # the control: plain only
             "steps_per_epoch": math.ceil(opts.max_train_samples / 32)}
 
@@ -189,7 +204,7 @@ def run_compare(opts, setting):
     out, task = os.path.join(opts.output_dir, setting), task_of(opts)
     methods = task["methods"](setting)
     tuned = [m for m in methods if m != "none"]  # (the plain Trainer has nothing to tune)
-    flags = [x for g in grids(epochs_of(opts, setting), task["steps_per_epoch"]) if tuned
+    flags = [x for g in task["grids"](epochs_of(opts, setting), task["steps_per_epoch"]) if tuned
              and (g.partition(":")[0] in methods or ":" not in g) for x in ("--grid", g)]
     command = [sys.executable, "-m", "hf_flat.cli", "compare", "--script", os.path.join(ROOT, task["script"]),
                "--methods", *methods, "--seeds", *map(str, opts.seeds), "--jobs", str(opts.jobs), "--quiet",
@@ -289,6 +304,26 @@ def page(opts, studies):
     return page_body(opts, studies, lines)
 
 
+def summary_table(summary, tuning_seeds: int) -> list[str]:
+    """A setting's table in markdown: per method the chosen point (and for how many of the `tuning_seeds`
+    it was their own best), test accuracy, paired difference to the plain Trainer and time ratio."""
+    lines = ["| method | chosen on held-out data | test accuracy (%) | paired difference to none (points) "
+             "| training time vs none |", "|---|---|---|---|---|"]
+    for r in summary:
+        acc = f"{fmt(r['accuracy'])} ± {fmt(r['accuracy_se'])}"
+        diff = "baseline" if r["method"] == "none" else (
+            f"{fmt(r['paired_difference'], '+.2f')} ± {fmt(r['paired_difference_se'])}")
+        if r["bold"]:
+            acc = f"**{acc}**"
+        chosen = "tuning failed" if r["chosen"] is None else (
+            ", ".join(f"{k}={v}" for k, v in r["chosen"].items()) or "-")
+        if r.get("agree") is not None:
+            chosen += f" ({r['agree']} of {tuning_seeds})"
+        lines.append(f"| {r['method']} | {chosen} | {acc} | {diff} | {fmt(r['time_ratio'], '.2f', 1)}x "
+                     f"± {fmt(r['time_ratio_se'], '.2f', 1)} |")
+    return lines
+
+
 def page_body(opts, studies, lines):
     """The page after its header: the epoch budget (digits), the reading, the plot, then per setting the
     table of chosen points and results, every tuning run and every final run."""
@@ -308,20 +343,7 @@ def page_body(opts, studies, lines):
     for setting, study in studies.items():
         lines += [f"## {LABELS[setting]}, {epochs_of(opts, setting)} epochs", "",
                   "In brackets after each choice: for how many tuning seeds it was also their own best.", "",
-                  "| method | chosen on held-out data | test accuracy (%) | paired "
-                  "difference to none (points) | training time vs none |", "|---|---|---|---|---|"]
-        for r in study["summary"]:
-            acc = f"{fmt(r['accuracy'])} ± {fmt(r['accuracy_se'])}"
-            diff = "baseline" if r["method"] == "none" else (
-                f"{fmt(r['paired_difference'], '+.2f')} ± {fmt(r['paired_difference_se'])}")
-            if r["bold"]:
-                acc = f"**{acc}**"
-            chosen = "tuning failed" if r["chosen"] is None else (
-                ", ".join(f"{k}={v}" for k, v in r["chosen"].items()) or "-")
-            if r.get("agree") is not None:
-                chosen += f" ({r['agree']} of {len(opts.tuning_seeds)})"
-            lines.append(f"| {r['method']} | {chosen} | {acc} | {diff} | {fmt(r['time_ratio'], '.2f', 1)}x "
-                         f"± {fmt(r['time_ratio_se'], '.2f', 1)} |")
+                  *summary_table(study["summary"], len(opts.tuning_seeds))]
         lines += ["", "Bold: the best method and every method within one paired SE of it (as `hf-flat compare`).", ""]
         if study["failures"]:
             lines += ["Failed: " + ", ".join(f"{f['name']} ({f['failed']})" for f in study["failures"]), ""]
@@ -404,7 +426,7 @@ def main(argv=None):
     with open(opts.results, "w") as f:
         json.dump({"task": opts.task, "epochs": {s: epochs_of(opts, s) for s in opts.settings}, "seeds": opts.seeds,
                    "tuning_seeds": opts.tuning_seeds, "holdout_fraction": opts.holdout_fraction,
-                   "grids": {s: grids(epochs_of(opts, s), task_of(opts)["steps_per_epoch"]) for s in opts.settings},
+                   "grids": {s: task_of(opts)["grids"](epochs_of(opts, s), task_of(opts)["steps_per_epoch"]) for s in opts.settings},
                    **({"max_train_samples": opts.max_train_samples, "learning_rate": opts.learning_rate}
                       if opts.task == "wordnet" else {}),
                    "studies": slim}, f, indent=1)
