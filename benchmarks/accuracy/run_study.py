@@ -119,11 +119,14 @@ def coarse_grids(epochs: int, steps_per_epoch: int) -> list[str]:
     start at a half and three quarters of the run's epochs, numbered from 0 (epochs 1 and 2 of 0-2 for 3
     epochs), and SAF compares with the outputs of one epoch before (`saf_past_epochs=1`): with the
     paper's 3 past epochs, or a start at the last epoch's number + 1, a 3-epoch run never uses the term."""
-    starts = ",".join(str(e) for e in dict.fromkeys(min(epochs - 1, max(1, math.floor(f * epochs))) for f in (0.5, 0.75)))
-    coarse = {"saf:saf_start_epoch": f"saf:saf_start_epoch={starts}", "mesa:mesa_start_epoch": f"mesa:mesa_start_epoch={starts}","sam_rho": "sam_rho=0.01,0.05,0.2", "average_start": "average_start=0.5,0.75",
-              "asam:sam_rho": "asam:sam_rho=0.1,0.5,2.0", "avg_sam:sam_rho": "avg_sam:sam_rho=0.1,0.5,1.0",
-              "wasam:sam_rho": "wasam:sam_rho=0.05", "wasam:average_start": "wasam:average_start=0.5,0.75"}
-    return [coarse.get(g.partition("=")[0], g) for g in grids(epochs, steps_per_epoch)] + ["saf:saf_past_epochs=1"]
+    fractions = (0.5, 0.75)
+    starts = ",".join(str(e) for e in dict.fromkeys(min(epochs - 1, max(1, math.floor(f * epochs))) for f in fractions))
+    coarse = {"sam_rho": "0.01,0.05,0.2", "average_start": "0.5,0.75", "asam:sam_rho": "0.1,0.5,2.0",
+              "avg_sam:sam_rho": "0.1,0.5,1.0", "wasam:sam_rho": "0.05", "wasam:average_start": "0.5,0.75",
+              "saf:saf_start_epoch": starts, "mesa:mesa_start_epoch": starts}
+    keys = [g.partition("=")[0] for g in grids(epochs, steps_per_epoch)]
+    return [f"{k}={coarse[k]}" if k in coarse else g for k, g in zip(keys, grids(epochs, steps_per_epoch))] + [
+        "saf:saf_past_epochs=1"]
 
 
 SETTINGS = {"clean": [], "noise40": ["--label_noise", "0.4"]}
