@@ -32,7 +32,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -138,7 +138,8 @@ class WeightAveraging(TrainerCallback):
     #: True when a flat trainer evaluates and checkpoints the average (the callback then only averages).
     managed = False
 
-    def __init__(self, method, start=0.75, freq=0, decay=0.999, on_cpu=False, batchnorm_batches=None, k=5, cycle=0):
+    def __init__(self, method: str, start: float = 0.75, freq: int = 0, decay: float = 0.999, on_cpu: bool = False,
+                 batchnorm_batches: Callable[[], Iterable] | None = None, k: int = 5, cycle: int = 0):
         _check_settings(method, start, freq, decay, k, cycle)
         self.method, self.start, self.freq, self.decay, self.on_cpu = method, start, freq, decay, on_cpu
         self.k, self.cycle = k, cycle

@@ -27,6 +27,8 @@ continues it exactly.
 
 import math
 
+from torch.optim.lr_scheduler import LRScheduler
+
 
 class SWASchedule:
     """The Trainer's learning-rate schedule until averaging starts, SWA's from there on.
@@ -40,7 +42,7 @@ class SWASchedule:
         cycle_steps: ``c`` > 0 for the cyclical schedule (then ``anneal_steps`` is unused).
     """
 
-    def __init__(self, scheduler, start: int, swa_lr: float, anneal_steps: int = 0, strategy: str = "cos",
+    def __init__(self, scheduler: LRScheduler, start: int, swa_lr: float, anneal_steps: int = 0, strategy: str = "cos",
                  cycle_steps: int = 0):
         self.scheduler, self.start, self.swa_lr = scheduler, start, swa_lr
         self.anneal_steps, self.strategy, self.cycle_steps = anneal_steps, strategy, cycle_steps

@@ -1,17 +1,31 @@
-"""Every Python snippet in the docs runs: each ```python block is preceded by a marker,
-``<!-- runs with: NAME -->`` (it runs here, in a namespace that `SETUPS[NAME]` fills with tiny
-models and data built from configs, offline) or ``<!-- not run: why -->``."""
+"""The docs cannot rot.
 
+- Every Python snippet in the docs runs: each ```python block is preceded by a marker,
+  ``<!-- runs with: NAME -->`` (it runs here, in a namespace that `SETUPS[NAME]` fills with tiny
+  models and data built from configs, offline) or ``<!-- not run: why -->``.
+- The site builds with ``mkdocs build --strict``: a broken link or anchor, an API object that
+  does not exist and a docstring griffe cannot read fail it.
+- The arguments table is generated from the dataclass (`docs_hooks.py`), and a field without
+  help text fails the build.
+- The README's links lead to files that exist.
+"""
+
+import dataclasses
+import importlib.util
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import transformers
 
-from helpers import LM_TEXTS, save_tiny_t5, tiny_llama, tiny_lm_tokenizer
+from helpers import LM_TEXTS, ROBERTA_WORDS, save_tiny_roberta, save_tiny_t5, tiny_llama, tiny_lm_tokenizer
 
-DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
-PAGES = ["trainers.md"]
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+DOCS = os.path.join(ROOT, "docs")
+PAGES = sorted(os.path.relpath(os.path.join(folder, name), DOCS) for folder, _, names in os.walk(DOCS)
+               for name in names if name.endswith(".md"))
 
 
 def snippets(page):
@@ -61,7 +75,49 @@ def plain():
     return {"model": tiny_llama(), "train": [{"input_ids": i, "labels": i} for i in ids]}
 
 
-SETUPS = {"sft": lambda tmp: sft(), "dpo": lambda tmp: dpo(), "seq2seq": seq2seq, "plain": lambda tmp: plain()}
+def hub(tmp_path, monkeypatch):
+    """The Hub's loading paths, answered offline: `from_pretrained` of a tokenizer and of a sequence
+    classifier give a tiny RoBERTa (`ROBERTA_WORDS`), `load_dataset` a small text / label
+    `DatasetDict`, so a snippet written for the Hub runs here unchanged."""
+    import datasets
+
+    path = save_tiny_roberta(tmp_path / "tiny-roberta")
+    tokenizer_from_pretrained = transformers.AutoTokenizer.from_pretrained
+    model_from_pretrained = transformers.AutoModelForSequenceClassification.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda name, *args, **kwargs: tokenizer_from_pretrained(path))
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
+                        lambda name, *args, **kwargs: model_from_pretrained(path, *args, **kwargs))
+    words = ROBERTA_WORDS[4:]
+    texts = [" ".join(words[(i + j) % len(words)] for j in range(4)) for i in range(24)]
+    split = {"text": texts, "label": [i % 2 for i in range(24)]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, *args, **kwargs: datasets.DatasetDict(
+        train=datasets.Dataset.from_dict(split), test=datasets.Dataset.from_dict(split)))
+    return {}
+
+
+def classification(tmp_path):
+    """A tiny RoBERTa classifier (`model`, and `make_model` for `model_init`), its tokenizer, and
+    tokenized `train` / `dev` sets of two classes."""
+    from datasets import Dataset
+
+    path = save_tiny_roberta(tmp_path / "tiny-roberta")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    words = ROBERTA_WORDS[4:]
+    texts = [" ".join(words[(i + j) % len(words)] for j in range(4)) for i in range(24)]
+    data = Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(24)]})
+    data = data.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
+
+    def make_model():
+        return transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+
+    return {"model": make_model(), "make_model": make_model, "tokenizer": tokenizer, "train": data,
+            "dev": data.select(range(8))}
+
+
+SETUPS = {"sft": lambda tmp, mp: sft(), "dpo": lambda tmp, mp: dpo(), "seq2seq": lambda tmp, mp: seq2seq(tmp),
+          "plain": lambda tmp, mp: plain(), "hub": hub,
+          "classification": lambda tmp, mp: classification(tmp)}
 ALL = [(page, line, marker, code) for page in PAGES for line, marker, code in snippets(page)]
 
 
@@ -81,8 +137,67 @@ def test_doc_snippet_runs(tmp_path, monkeypatch, page, line, marker, code):
     # the snippets are written for a GPU, where TRL's configs default to bf16: let them run on this CPU
     monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    namespace = SETUPS[marker.split(": ")[1].rstrip(" ->")](tmp_path)
+    namespace = SETUPS[marker.split(": ")[1].rstrip(" ->")](tmp_path, monkeypatch)
     exec(compile(code, f"{page}:{line}", "exec"), namespace)
     trainer = namespace.get("trainer")
     if trainer is not None and "train()" in code:
         assert trainer.state.global_step > 0
+
+
+def docs_hooks():
+    spec = importlib.util.spec_from_file_location("docs_hooks", os.path.join(ROOT, "docs_hooks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_arguments_table_has_every_flat_field_with_its_help():
+    from hf_flat import FlatArgumentsMixin
+
+    table = docs_hooks().arguments_table().splitlines()
+    names = [re.match(r"\| `(\w+)` \|", row).group(1) for row in table[2:]]
+    assert names == list(FlatArgumentsMixin.__annotations__)
+    sam_rho = next(row for row in table if row.startswith("| `sam_rho` |"))
+    assert "| `0.05` |" in sam_rho and "Radius rho" in sam_rho and "`sam`" in sam_rho
+
+
+def test_a_field_without_help_fails_the_docs_build(monkeypatch):
+    hooks = docs_hooks()
+
+    @dataclasses.dataclass
+    class WithoutHelp:
+        sam_new_setting: float = 0.1
+
+    monkeypatch.setattr(hooks, "flat_fields", lambda: dataclasses.fields(WithoutHelp))
+    with pytest.raises(ValueError, match="sam_new_setting has no help text"):
+        hooks.arguments_table()
+
+
+def test_the_cli_reference_shows_every_commands_help():
+    from hf_flat.cli import build_parser
+
+    hooks = docs_hooks()
+    page = open(os.path.join(DOCS, "reference", "cli.md")).read()
+    commands = re.findall(r"<!-- cli-help: (\w+) -->", page)
+    subparsers = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert sorted(commands) == sorted(subparsers.choices)
+    assert "--points" in hooks.cli_help("interpolate") and "--methods" in hooks.cli_help("compare")
+    assert "<!--" not in hooks.render(page)
+
+
+def test_the_site_builds_with_mkdocs_strict(tmp_path):
+    pytest.importorskip("mkdocs")
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "site" / "reference" / "arguments" / "index.html").read_text().count("<tr>") > 30
+
+
+def test_the_readme_is_a_short_landing_page_whose_links_exist():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert len(readme.splitlines()) <= 150
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [link for link in links if "://" not in link]
+    assert len(local) > 20
+    for link in local:
+        assert os.path.exists(os.path.join(ROOT, link)), link

@@ -168,9 +168,12 @@ def test_the_readme_main_job_reruns_the_study_rows_with_the_values_it_chose():
     """The README's first command cannot drift from the study: its epochs are the noisy setting's
     budget, and every --grid METHOD:NAME=value is what the study chose for that method."""
     root = os.path.join(os.path.dirname(__file__), "..")
-    with open(os.path.join(root, "README.md")) as f:
-        [line] = [x for x in f if x.startswith("python3 -m venv .venv && ")]
-    words = line.split("hf-flat compare", 1)[1].split()
+    lines = []
+    for page in ("README.md", "docs/quickstart.md", "docs/benchmarks/main-job.md"):
+        with open(os.path.join(root, page)) as f:
+            lines += [x for x in f if x.startswith("python3 -m venv .venv && ")]
+    assert len(lines) == 3 and len(set(lines)) == 1, "the README, the quickstart and the main job's page give one command"
+    words = lines[0].split("hf-flat compare", 1)[1].split()
     ours, script_args = words[:words.index("--")], words[words.index("--") + 1:]
     with open(os.path.join(root, "benchmarks", "accuracy", "results.json")) as f:
         results = json.load(f)
@@ -191,16 +194,16 @@ def test_the_readme_main_job_reruns_the_study_rows_with_the_values_it_chose():
     assert ours[ours.index("--seeds") + 1:ours.index("--jobs")] == [str(s) for s in results["seeds"]]
 
 
-def test_the_readme_wordnet_tables_are_the_studys_results():
-    """The README's WordNet tables are run_study.py's tables of benchmarks/accuracy/results-wordnet.json,
-    row for row: a rerun of the study that changes a number fails here until the README follows."""
+def test_the_docs_wordnet_tables_are_the_studys_results():
+    """The WordNet page's tables are run_study.py's tables of benchmarks/accuracy/results-wordnet.json,
+    row for row: a rerun of the study that changes a number fails here until the page follows."""
     import run_study
 
     root = os.path.join(os.path.dirname(__file__), "..")
     with open(os.path.join(root, "benchmarks", "accuracy", "results-wordnet.json")) as f:
         results = json.load(f)
-    with open(os.path.join(root, "README.md")) as f:
-        readme = f.read()
+    with open(os.path.join(root, "docs", "benchmarks", "wordnet.md")) as f:
+        page = f.read()
     for setting in ("pretrained", "scratch"):
         rows = run_study.summary_table(results["studies"][setting]["summary"], len(results["tuning_seeds"]))
-        assert len(rows) > 2 and all(row in readme for row in rows[2:]), setting
+        assert len(rows) > 2 and all(row in page for row in rows[2:]), setting

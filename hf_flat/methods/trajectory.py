@@ -61,13 +61,16 @@ def bernoulli_kl_per_row(target_logits: torch.Tensor, logits: torch.Tensor, tau:
     return kl.sum(-1)
 
 
-def trajectory_loss(logits, target_logits, lam, tau, has_target=None, valid=None, kind=None) -> torch.Tensor:
+def trajectory_loss(logits: torch.Tensor, target_logits: torch.Tensor, lam: float, tau: float,
+                    has_target: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                    kind: str | None = None) -> torch.Tensor:
     """The trajectory term for a batch.
 
     Args:
         logits: the model's logits, ``(B, C)`` or ``(B, T, C)``.
         target_logits: the targets, same shape (rows without a target may hold anything).
-        lam, tau: lambda and the temperature.
+        lam: lambda, the weight of the term.
+        tau: the temperature.
         has_target: ``(B,)`` bool, which samples have a target (default: all; per-sample logits only).
         valid: ``(B, T)`` bool, for per-token logits: the positions to compare (default: all).
         kind: `SOFTMAX`, `BERNOULLI` or `SQUARED_ERROR` (default: squared error for one output,
