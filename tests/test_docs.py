@@ -96,6 +96,29 @@ def hub(tmp_path, monkeypatch):
     return {}
 
 
+def hub_lm(tmp_path, monkeypatch):
+    """A causal LM's loading paths, answered offline: `from_pretrained` gives the tiny Llama and its
+    tokenizer (`LM_WORDS`); ``train.jsonl`` / ``dev.jsonl`` of prompt / completion pairs are written
+    in the working folder, where the snippet's `load_dataset("json", ...)` reads them for real."""
+    import json
+
+    path = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(path)
+    tiny_lm_tokenizer().save_pretrained(path)
+    tokenizer_from_pretrained = transformers.AutoTokenizer.from_pretrained
+    model_from_pretrained = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda name, *args, **kwargs: tokenizer_from_pretrained(path))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda name, *args, **kwargs: model_from_pretrained(path, *args, **kwargs))
+    for name, texts in (("train.jsonl", LM_TEXTS), ("dev.jsonl", LM_TEXTS[:4])):
+        with open(tmp_path / name, "w") as f:
+            for text in texts:
+                words = text.split()
+                f.write(json.dumps({"prompt": " ".join(words[:2]), "completion": " " + " ".join(words[2:])}) + "\n")
+    return {}
+
+
 def classification(tmp_path):
     """A tiny RoBERTa classifier (`model`, and `make_model` for `model_init`), its tokenizer, and
     tokenized `train` / `dev` sets of two classes."""
@@ -116,7 +139,7 @@ def classification(tmp_path):
 
 
 SETUPS = {"sft": lambda tmp, mp: sft(), "dpo": lambda tmp, mp: dpo(), "seq2seq": lambda tmp, mp: seq2seq(tmp),
-          "plain": lambda tmp, mp: plain(), "hub": hub,
+          "plain": lambda tmp, mp: plain(), "hub": hub, "hub_lm": hub_lm,
           "classification": lambda tmp, mp: classification(tmp)}
 ALL = [(page, line, marker, code) for page in PAGES for line, marker, code in snippets(page)]
 
