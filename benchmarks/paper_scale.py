@@ -1,6 +1,6 @@
 """The paper's architectures at their real size: step time against the plain Trainer, and peak memory.
 
-Each reproduction command of the README ("Reproducing the paper's rows") trains one of three
+Each reproduction command of the docs (docs/guides/reproducing-papers.md) trains one of three
 architectures. This script builds each from a config (no download) at its real size, on random
 data of the real shape, and trains a few optimizer steps with the plain `transformers.Trainer` and
 with each flat method, in the same run:
@@ -8,7 +8,7 @@ with each flat method, in the same run:
 - ``vit``: ViT-B/16 (`ViTForImageClassification`, hidden 768, 12 layers, 12 heads, patch 16) on
   224 x 224 images, 100 classes. Paper: batch 100, 12,500 steps (examples/vit/configs).
 - ``roberta``: RoBERTa-base (`RobertaForSequenceClassification`, hidden 768, 12 layers, vocab
-  50265) on 128 tokens, 2 labels. Paper: batch 16 (the README's RTE command; SST-2's config: 32),
+  50265) on 128 tokens, 2 labels. Paper: batch 16 (the RTE command of docs/guides/reproducing-papers.md; SST-2's config: 32),
   10 epochs.
 - ``fid``: Fusion-in-Decoder (`FiDT5` of examples/fid/run_fid.py, built from a `T5Config` at
   T5-base size: d_model 768, 12 + 12 layers, 12 heads, d_ff 3072, vocab 32128) on 100 passages x
@@ -95,13 +95,13 @@ PRESETS = {
 METHODS = list(PRESETS)
 ARCHS = ["vit", "roberta", "fid"]
 
-#: the paper's settings (README's commands and examples/*/configs), for the output and the extrapolation
+#: the paper's settings (the commands of docs/guides/reproducing-papers.md and examples/*/configs), for the output and the extrapolation
 PAPER = {
     "vit": {"batch": 100, "what": "ViT-B/16, 224x224, 100 classes",
             "source": "examples/vit/configs/vit_b16_cifar10_wasam.json: batch 100, max_steps 12,500",
             "runs": [("CIFAR-10/100, 12,500 steps x 100", 12500 * 100)]},
     "roberta": {"batch": 16, "what": "RoBERTa-base, 128 tokens",
-                "source": "README RTE command / examples/glue/configs/roberta_base_rte.json: batch 16, 10 epochs "
+                "source": "docs/guides/reproducing-papers.md RTE command / examples/glue/configs/roberta_base_rte.json: batch 16, 10 epochs "
                           "(roberta_base_sst2.json: batch 32)",
                 "runs": [("RTE, 2,490 train x 10 epochs", 2490 * 10), ("SST-2, 67,349 train x 10 epochs", 67349 * 10)]},
     "fid": {"batch": 1, "passages": 100, "length": 250, "answer": 20, "what": "FiD, T5-base, 100 passages x 250 tokens",

@@ -103,7 +103,7 @@ def deepspeed_refusal(flat_method: str, stage: int | None) -> str:
         f"flat_method={flat_method!r} cannot run under DeepSpeed{this_run}. "
         + " ".join(DEEPSPEED_STAGES.values())
         + " Use FSDP instead, under which every flat method is exact: fsdp='full_shard' with "
-        "fsdp_config={'version': 2}, or `accelerate launch` with an FSDP config file (see the README); or DDP. "
+        "fsdp_config={'version': 2}, or `accelerate launch` with an FSDP config file (examples/accelerate/fsdp.yaml; docs: guides/distributed.md); or DDP. "
         "flat_method='saf' reads only the model's outputs and runs under DeepSpeed."
     )
 
@@ -142,7 +142,7 @@ def _env_flag(name: str) -> bool:
 
 
 def accepted_flat_methods() -> list[str]:
-    """Every value `flat_method` accepts, in the order the README lists them."""
+    """Every value `flat_method` accepts, in the order the docs list them (docs/methods.md)."""
     names = ["none", *PERTURBATION_METHODS, *AVERAGING_METHODS]
     names += [f"{p}+{a}" for p in PERTURBATION_METHODS for a in AVERAGING_METHODS]
     names += [alias for alias, target in ALIASES.items() if target in names]

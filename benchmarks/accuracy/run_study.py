@@ -285,7 +285,7 @@ def page(opts, studies):
     lines = ["# Accuracy and cost of every method on digits", "",
              "Written by `benchmarks/accuracy/run_study.py` (rerun: `.venv/bin/python benchmarks/accuracy/run_study.py`); "
              "every number below is in `benchmarks/accuracy/results.json`.", "",
-             "Task: that of the README's main job. A ViT (hidden 64, 2 layers, patch 2) trained from scratch on "
+             "Task: that of [the main job](benchmarks/main-job.md). A ViT (hidden 64, 2 layers, patch 2) trained from scratch on "
              "scikit-learn's 8x8 digits (1,437 training images, 360 test images), AdamW at 2e-3 with a cosine schedule, "
              f"batch 32, for {budgets_text(opts)} epochs: each setting's budget is the one the plain Trainer needs on "
              "held-out data (the next section). Final seeds " + ", ".join(map(str, opts.seeds)) + " (a seed fixes "
