@@ -101,3 +101,7 @@ def render(markdown: str) -> str:
 
 def on_page_markdown(markdown, page, config, files):  # the MkDocs hook
     return render(markdown)
+
+
+if __name__ == "__main__":  # print the generated arguments table, for readers of the Markdown
+    print(arguments_table())

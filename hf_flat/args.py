@@ -13,6 +13,7 @@ what is allowed.
 """
 
 import copyreg
+import dataclasses
 import json
 import math
 import os
@@ -167,6 +168,16 @@ def parse_flat_method(value: str) -> tuple[str | None, str | None]:
     raise ValueError(
         f"flat_method={value!r} is not supported. Accepted values: {', '.join(accepted_flat_methods())}."
     )
+
+
+def read_settings(flat_method: str) -> set[str]:
+    """The flat arguments that a run of `flat_method` reads: `FLAT_SETTINGS` of its parts, and
+    ``average_on_cpu`` for an averaging method (``flat_method`` itself is not included)."""
+    read = set()
+    for part in parse_flat_method(flat_method):
+        if part is not None:
+            read |= set(FLAT_SETTINGS[part]) | ({"average_on_cpu"} if part in AVERAGING_METHODS else set())
+    return read
 
 
 def _is_number(value) -> bool:
@@ -390,12 +401,28 @@ class FlatArgumentsMixin:
             raise ValueError(deepspeed_refusal(self.flat_method, deepspeed_stage(self.deepspeed)))
         if self.fsdp or _env_flag("ACCELERATE_USE_FSDP"):
             self._check_fsdp()
+        self._warn_unread_settings()
         if self.flat_averaging is not None and self.load_best_model_at_end:
             raise ValueError(
                 f"load_best_model_at_end=True is not supported with flat_method={self.flat_method!r}: at the "
                 "end of training the model holds the averaged weights, which no checkpoint holds. To keep "
                 "the best checkpoint, use save_strategy='best' with metric_for_best_model='eval_avg_loss' "
                 "(or another eval_avg_ metric), and set load_best_model_at_end=False."
+            )
+
+    def _warn_unread_settings(self):
+        """Warn about each flat argument set away from its default that `flat_method` does not read
+        (``sam_rho`` with ``flat_method='saf'``): nothing is silently ignored."""
+        read = read_settings(self.flat_method)
+        for f in dataclasses.fields(FlatArgumentsMixin):
+            value = getattr(self, f.name)
+            if f.name == "flat_method" or f.name in read or value == f.default:
+                continue
+            readers = [m for m in (*PERTURBATION_METHODS, *AVERAGING_METHODS) if f.name in read_settings(m)]
+            warnings.warn(
+                f"{f.name}={value!r} has no effect with flat_method={self.flat_method!r}: only "
+                f"{', '.join(readers)} (alone or combined) {'reads' if len(readers) == 1 else 'read'} it.",
+                stacklevel=3,
             )
 
     def _check_swa_schedule(self):
@@ -435,9 +462,6 @@ class FlatArgumentsMixin:
                     f"average_freq={self.average_freq!r} is not allowed with swa_cycle_steps={self.swa_cycle_steps!r}: "
                     f"snapshots are taken at the end of each cycle. Set average_freq to 0 or {self.swa_cycle_steps}."
                 )
-        if self.flat_averaging != "lawa" and self.lawa_k != 5:
-            warnings.warn(f"lawa_k={self.lawa_k!r} has no effect with flat_method={self.flat_method!r}: only "
-                          "'lawa' and '<perturbation>+lawa' read it.", stacklevel=3)
 
     def _check_gsam_looksam_esam(self):
         _check(self, "gsam_alpha", lambda v: _is_number(v) and v >= 0, "a finite number >= 0")
@@ -494,14 +518,6 @@ class FlatArgumentsMixin:
                     f"sam_m={self.sam_m!r} is not allowed with per_device_train_batch_size={batch}: it must divide "
                     f"the per-device batch size (one perturbation per sam_m samples). Divisors of {batch}: "
                     + ", ".join(str(d) for d in range(1, batch + 1) if batch % d == 0) + "."
-                )
-        if self.flat_perturbation not in TWO_PASS_METHODS:
-            changed = [f"{k}={getattr(self, k)!r}" for k, v in PERTURBATION_SETTINGS.items() if getattr(self, k) != v]
-            if changed:
-                warnings.warn(
-                    f"{', '.join(changed)} has no effect with flat_method={self.flat_method!r}: only "
-                    f"{', '.join(TWO_PASS_METHODS)} (and their combinations with averaging) read it.",
-                    stacklevel=3,
                 )
 
     def _check_fsdp(self):

@@ -85,7 +85,7 @@ def check_evaluation_data(evaluation, training_args, how):
     strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
     if evaluation is None and strategy != "no":
         raise ScriptError(f"eval_strategy={strategy!r} but there is no evaluation data: "
-                          f"give {how} or --holdout_fraction, or pass --eval_strategy no to train without evaluation")
+                          f"give {how}, or pass --eval_strategy no to train without evaluation")
 
 
 def checkpoint_to_resume(args):

@@ -167,7 +167,7 @@ def main(argv=None):
     train = train[: data_args.max_train_samples] if data_args.max_train_samples else train
     if evaluation is not None and data_args.max_eval_samples:
         evaluation = evaluation[: data_args.max_eval_samples]
-    check_evaluation_data(evaluation, training_args, "--eval_file")
+    check_evaluation_data(evaluation, training_args, "--eval_file or --holdout_fraction")
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     model = FiDT5.from_pretrained(model_args.model_name_or_path)

@@ -305,7 +305,7 @@ def main(argv=None):
                           "to another class: use --label_noise 0")
     texts = text_columns(train, data_args, train_source)
     train, evaluation = split_and_limit(train, evaluation, data_args, training_args.seed)
-    check_evaluation_data(evaluation, training_args, "--validation_file")
+    check_evaluation_data(evaluation, training_args, "--validation_file or --holdout_fraction")
     if evaluation is not None:
         require_columns(evaluation, texts, eval_source, "give evaluation data with the training data's text columns")
     check_evaluation_labels(evaluation, labels, data_args, eval_source)

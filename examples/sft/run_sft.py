@@ -110,7 +110,7 @@ def main(argv=None):
     set_seed(training_args.seed)
     train, evaluation = load_data(data_args)
     train, evaluation = split_and_limit(train, evaluation, data_args, training_args.seed)
-    check_evaluation_data(evaluation, training_args, "--validation_file (or --holdout_fraction)")
+    check_evaluation_data(evaluation, training_args, "--validation_file or --holdout_fraction")
     training_args.dataset_text_field = data_args.text_column
 
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)

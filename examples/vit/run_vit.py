@@ -145,7 +145,7 @@ def main(argv=None):
                           "name or folder) with its image processor; only the built-in digits build a model")
     train, evaluation, names, ready = load_data(data_args)
     train, evaluation = split_and_limit(train, evaluation, data_args, training_args.seed)
-    check_evaluation_data(evaluation, training_args, "--validation_dir (or a data set with a validation split)")
+    check_evaluation_data(evaluation, training_args, "--validation_dir (or a data set with a validation split) or --holdout_fraction")
     num_labels = len(names)
     # after the held-out split: only the labels the model trains on are replaced
     noise_seed = training_args.seed if data_args.label_noise_seed is None else data_args.label_noise_seed
