@@ -13,7 +13,8 @@ import torch
 from transformers import ViTForImageClassification
 
 from hf_flat.analysis import evaluate
-from hf_flat.cli import load_average, load_model, main, run
+from hf_flat.cli import main, run
+from hf_flat.loading import load_average, load_model
 from hf_flat.data import batches, load_splits, preprocess
 from test_cli import tiny_vit
 
@@ -69,7 +70,7 @@ def test_report_matches_curves_by_path_and_weights_and_labels_both_sides(tmp_pat
 
 
 def test_a_curve_joining_the_pair_the_other_way_round_has_its_barrier_positions_flipped():
-    from hf_flat.report import curve_barriers
+    from hf_flat.commands.report import curve_barriers
 
     found = {"barriers": {"curve/test/loss": {"height": 0.2, "at": 0.25}, "curve/train/loss": {"height": 0.0, "at": None},
                           "line/test/loss": {"height": 0.5, "at": 0.25}}}
@@ -193,7 +194,7 @@ def test_commands_load_a_lora_run_over_its_local_base_model(tmp_path, capsys):
     from peft import PeftModel
     from transformers import BertForSequenceClassification
 
-    from hf_flat.cli import load_weights
+    from hf_flat.loading import load_weights
 
     base, out, checkpoint, data = lora_run(tmp_path)
     # by hand: the adapter merged into its base, saved whole (with the base's tokenizer)
@@ -310,7 +311,7 @@ def flat_fields():
 
 def test_the_applies_table_is_right_for_every_method_and_flat_argument():
     from hf_flat.args import accepted_flat_methods, parse_flat_method
-    from hf_flat.compare import applies, tunable
+    from hf_flat.commands.compare import applies, tunable
 
     assert set(flat_fields()) == set(OTHER_VALUES)  # (a new flat argument: add it to READS and OTHER_VALUES)
     wrong = []
@@ -335,7 +336,7 @@ def test_what_applies_is_accepted_and_read_and_what_does_not_is_refused_or_ignor
     import warnings
 
     from hf_flat import TrainingArguments
-    from hf_flat.compare import applies
+    from hf_flat.commands.compare import applies
 
     for name in flat_fields():
         if not applies(name, method):
@@ -404,7 +405,7 @@ def test_a_classification_adapter_over_a_masked_lm_base_gets_its_head(tmp_path):
     from transformers import BertForMaskedLM, BertForSequenceClassification
 
     from hf_flat import FlatTrainer, TrainingArguments
-    from hf_flat.cli import load_weights
+    from hf_flat.loading import load_weights
     from test_cli_user_data import LABELS, save_tiny_bert, write_csv
 
     classifier, base, out = str(tmp_path / "cls"), str(tmp_path / "base"), str(tmp_path / "lora")

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from hf_flat.compare import markdown, mean_and_se, table
+from hf_flat.commands.compare import markdown, mean_and_se, table
 from hf_flat.cli import main
 
 FAKE_SCRIPT = textwrap.dedent('''

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from hf_flat.cli import main
-from hf_flat.compare import LEGEND, markdown, paired_difference, table
+from hf_flat.commands.compare import LEGEND, markdown, paired_difference, table
 
 # large seed-to-seed variation (70 .. 90), sam a consistent +0.5 (+-0.1) on top of it
 NONE = {0: 70.0, 1: 80.0, 2: 90.0, 3: 75.0}

@@ -456,7 +456,7 @@ def test_command_line_flags():
 
 
 def test_compare_tunes_the_new_settings_for_the_methods_that_read_them():
-    from hf_flat.compare import tunable
+    from hf_flat.commands.compare import tunable
 
     grid = {"sam_interval": ["2", "5"], "sam_m": ["2"], "sam_rho": ["0.5", "1.0"], "average_start": ["0.5"]}
     assert tunable("avg_sam+swa", grid) == grid

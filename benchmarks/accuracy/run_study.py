@@ -65,7 +65,7 @@ import os
 import subprocess
 import sys
 
-from hf_flat.compare import mean_and_se
+from hf_flat.commands.compare import mean_and_se
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ["none", "sam", "asam", "avg_sam", "gsam", "looksam", "esam", "saf", "mesa", "swa", "ema", "lawa", "wasam"]

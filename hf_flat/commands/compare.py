@@ -140,6 +140,13 @@ def build_parser():
     return parser
 
 
+def add_parser(subparsers):
+    """`hf-flat compare` in `hf-flat --help`: its arguments are parsed by `main` (`build_parser`)."""
+    p = subparsers.add_parser("compare", help="train and compare flat-minima methods with an example script "
+                              "(see `hf-flat compare -h`)", add_help=False)
+    p.add_argument("arguments", nargs=argparse.REMAINDER, help="the arguments of `hf-flat compare`")
+
+
 def parse(argv):
     extra = []
     if "--" in argv:
@@ -189,7 +196,7 @@ def applies(name, method):
     ``average_on_cpu`` for every averaging method."""
     import dataclasses
 
-    from .args import AVERAGING_METHODS, FLAT_SETTINGS, FlatArgumentsMixin, parse_flat_method
+    from ..args import AVERAGING_METHODS, FLAT_SETTINGS, FlatArgumentsMixin, parse_flat_method
 
     flat = {f.name for f in dataclasses.fields(FlatArgumentsMixin)} - {"flat_method"}
     if name not in flat:
@@ -237,7 +244,7 @@ def script_flags(args, runner):
 
 def check_command(args, log, runner):
     """Every check that needs no training; raises `UserError` with what to do."""
-    from .args import parse_flat_method
+    from ..args import parse_flat_method
 
     if not os.path.isfile(args.script):
         raise UserError(f"--script {args.script}: no such file; give the path of the training script")
@@ -383,7 +390,7 @@ class _Worker:
         os.makedirs(args.output_dir, exist_ok=True)
         self.stderr = open(os.path.join(args.output_dir, "preload-worker.log"), "ab")
         # the file itself, not `-m hf_flat.preload`: the worker imports what the script imports, nothing more
-        preload = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preload.py")
+        preload = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "preload.py")
         self.process = subprocess.Popen([args.python, preload, str(write), args.script],
                                         stdin=subprocess.PIPE, stdout=self.stderr, stderr=self.stderr,
                                         pass_fds=(write,), env=env, text=True)
@@ -613,7 +620,7 @@ def markdown(rows, metric, scale=1.0, marked=()):
 
 def run_warnings(method, metrics):
     """The messages a run recorded in `flat_warnings`, plus one when it ran another method than asked."""
-    from .args import parse_flat_method
+    from ..args import parse_flat_method
 
     found = [str(w) for w in metrics.get("flat_warnings") or []]
     ran = metrics.get("flat_method")

@@ -6,17 +6,41 @@ asymmetry factor and the top Hessian eigenvalue (`hf-flat sharpness`'s `sharpnes
 each pair: the barrier on the straight line between them (`interpolate` at the interior points,
 the ends taken from the models' own evaluations, `barrier` of hf_flat.analysis.connect) and, when
 an `hf-flat connect` folder for the pair is given, the barrier on its fitted curve (read from its
-results.json, not refitted). Each quantity is computed once.
+results.json, not refitted). Each quantity is computed once. Writes the table to report.md and
+every number to results.json.
 """
 
 import itertools
 import json
 import os
 
-from .analysis.connect import barrier
-from .analysis.surface import evaluate, grid_points, interpolate, weights_at
-from .analysis.directions import trainable
-from .data import UsageError
+from ..analysis.connect import barrier
+from ..analysis.surface import evaluate, grid_points, interpolate, weights_at
+from ..analysis.directions import trainable
+from ..data import UsageError
+from ..loading import has_batchnorm, load_weights, model_name, prepare
+from ._common import HelpFormatter, check_counts, data_arguments, finish, weights_per_model
+from .sharpness import sharpness_arguments, sharpness_measures
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("report", help="one table comparing models: test metrics, sharpness, asymmetry, "
+                              "Hessian, barriers between each pair", formatter_class=HelpFormatter,
+                              description="For each model: test loss and accuracy, adversarial and average "
+                              "sharpness, the asymmetry factor and the top Hessian eigenvalue (the functions of "
+                              "`hf-flat sharpness`); for each pair of models: the loss barrier on the straight line "
+                              "between them and, when `--curves` gives an `hf-flat connect` folder for that pair, on "
+                              "its curve. Writes report.md and results.json.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="save_pretrained folders or checkpoints")
+    p.add_argument("--curves", nargs="+", default=[], metavar="DIR",
+                   help="output folders of `hf-flat connect` whose barriers join the table (matched to the pair by "
+                        "the model paths in their results.json)")
+    p.add_argument("--points", type=int, default=11, help="evenly spaced t in [0, 1] on each straight line")
+    sharpness_arguments(p)
+    p.add_argument("--weights", choices=("live", "averaged"), default="live", nargs="+",
+                   help="'live' or 'averaged' (the SWA / EMA / LAWA / WASAM average in a checkpoint); one value for all "
+                        "models, or one per model")
+    data_arguments(p)
 
 
 def _curve_results(folder):
@@ -91,10 +115,8 @@ def _row(value):
     return "-" if value is None else f"{value:.4g}"
 
 
-def run_report(args) -> dict:
-    from .cli import check_counts, finish, has_batchnorm, load_weights, model_name, prepare
-    from .cli import sharpness_measures, weights_per_model
-
+def run(args) -> dict:
+    """Measure every model and pair, write report.md and results.json; return the results."""
     paths = args.models
     weights = weights_per_model(paths, args.weights)
     check_counts(args)
