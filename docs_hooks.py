@@ -75,7 +75,11 @@ def cli_help(command: str | None = None) -> str:
     os.environ["COLUMNS"] = "100"
     try:
         parser = build_parser()
-        if command is not None:
+        if command == "compare":  # it parses its own arguments (the top-level parser only hands them over)
+            from hf_flat.commands.compare import build_parser as compare_parser
+
+            parser = compare_parser()
+        elif command is not None:
             subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
             parser = subparsers.choices[command]
         out = io.StringIO()

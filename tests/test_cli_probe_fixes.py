@@ -350,6 +350,35 @@ def test_what_applies_is_accepted_and_read_and_what_does_not_is_refused_or_ignor
             assert not [w for w in caught if "has no effect" in str(w.message)], (method, name, value)
 
 
+@pytest.mark.parametrize("method", ["none", "sam", "looksam", "esam", "saf", "mesa", "swa", "ema", "lawa", "wasam",
+                                    "mesa+lawa"])
+def test_a_setting_the_method_does_not_read_warns_or_is_refused(tmp_path, method):
+    """Nothing is silently ignored: every flat argument set away from its default for a method that
+    does not read it (READS, written out above) warns that it has no effect, naming it, or is
+    refused with a ValueError (e.g. sam_m with LookSAM)."""
+    import warnings
+
+    from hf_flat import TrainingArguments
+    from hf_flat.args import parse_flat_method
+
+    reads = set().union(*(READS[part] for part in parse_flat_method(method)))
+    for name in flat_fields():
+        if name in reads:
+            continue
+        for value in OTHER_VALUES[name]:
+            extra = {"swa_lr": 0.05} if name in SCHEDULE - {"swa_lr"} else {}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    TrainingArguments(str(tmp_path), flat_method=method, report_to="none", use_cpu=True,
+                                      per_device_train_batch_size=4, **{name: value, **extra})
+                except ValueError:
+                    continue
+            messages = [str(w.message) for w in caught if "has no effect" in str(w.message)]
+            assert any(m.startswith(f"{name}={value!r} has no effect with flat_method={method!r}") for m in messages), (
+                method, name, value, messages)
+
+
 FLAT_SCRIPT = textwrap.dedent('''
     import json, os, sys
     from dataclasses import dataclass

@@ -188,24 +188,21 @@ def applies(name, method):
     """Whether the flat-minima argument `name` changes a run of `method`: True or False for a flat
     field of `FlatTrainingArguments`, None for any other argument (learning_rate, ...).
 
-    The arguments each part of a flat_method reads are `hf_flat.args.FLAT_SETTINGS` (what the
-    example scripts record as ``flat_settings``): e.g. ``average_freq`` for SWA and LAWA (their
+    The arguments each part of a flat_method reads are `hf_flat.args.read_settings` (what the
+    example scripts record as ``flat_settings``, and what FlatTrainingArguments warns about when
+    set for a method that does not read them): e.g. ``average_freq`` for SWA and LAWA (their
     snapshot period), ``lawa_k`` for LAWA, SWA's schedule (``swa_lr``, ...) for every averaging
     method, ``sam_m`` / ``sam_scope`` / ``sam_interval`` for the two-pass methods that take them (not
     LookSAM, and ESAM not the first two, which FlatTrainingArguments refuses there); with
     ``average_on_cpu`` for every averaging method."""
     import dataclasses
 
-    from ..args import AVERAGING_METHODS, FLAT_SETTINGS, FlatArgumentsMixin, parse_flat_method
+    from ..args import FlatArgumentsMixin, read_settings
 
     flat = {f.name for f in dataclasses.fields(FlatArgumentsMixin)} - {"flat_method"}
     if name not in flat:
         return None
-    read = set()
-    for part in parse_flat_method(method):
-        if part is not None:
-            read |= set(FLAT_SETTINGS[part]) | ({"average_on_cpu"} if part in AVERAGING_METHODS else set())
-    return name in read
+    return name in read_settings(method)
 
 
 def _changed_by(name, methods) -> list[str]:
