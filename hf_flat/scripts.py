@@ -116,6 +116,15 @@ def checkpoint_to_resume(args):
     return value
 
 
+def _checkpoint_step(checkpoint) -> int | None:
+    """The optimizer step a checkpoint folder was written at (its ``trainer_state.json``)."""
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            return json.load(f)["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _last_checkpoint(output_dir):
     return get_last_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
 
@@ -154,8 +163,17 @@ def train_and_evaluate(trainer):
     """Train, resuming from `args.resume_from_checkpoint` (as `parse_script_args` resolved it), then
     evaluate if there is evaluation data. Returns the metrics and the warnings hf_flat logged during
     training."""
+    resume = trainer.args.resume_from_checkpoint
+    start = _checkpoint_step(resume) if resume else None
     with recorded_warnings() as warnings:
-        metrics = dict(trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint).metrics)
+        metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
+    if start is not None and trainer.state.global_step == start:  # before anything is saved over the run's results
+        raise ScriptError(
+            f"nothing to train: {resume} is already the end of this run (step {start} of "
+            f"{trainer.state.max_steps}), so the finished run's model and results in {trainer.args.output_dir!r} are "
+            "kept as they were. To train again, use another --output_dir (or delete its checkpoint-N folders); to "
+            "train longer, raise --num_train_epochs or --max_steps."
+        )
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     return metrics, warnings

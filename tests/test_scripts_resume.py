@@ -153,6 +153,26 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, tiny_robe
         assert saved["flat_settings"]["average_freq"] == 2 and saved["flat_settings"]["sam_rho"] == 0.05
 
 
+def test_rerunning_a_finished_run_trains_nothing_and_keeps_its_results(tmp_path, tiny_roberta):
+    """The same command again in a finished run's --output_dir resumes from its last checkpoint, the
+    end of the run: that trains nothing, so it stops with a one-line error before writing anything,
+    and the run's model and all_results.json stay as they were."""
+    from hf_flat.scripts import ScriptError
+
+    module, flags = script_args("glue", "mesa", tmp_path, {"glue": tiny_roberta})
+    out = tmp_path / "out"
+    module.main(flags + ["--output_dir", str(out)])
+    assert (out / "checkpoint-12").is_dir()
+    results, model = (out / "all_results.json").read_bytes(), (out / "model.safetensors").read_bytes()
+    with pytest.raises(ScriptError, match=r"nothing to train: .*checkpoint-12 is already the end of this run \(step 12 of 12\)"):
+        module.main(flags + ["--output_dir", str(out)])
+    assert (out / "all_results.json").read_bytes() == results and (out / "model.safetensors").read_bytes() == model
+    # training longer from the same checkpoint still works
+    module.main(flags[:flags.index("--num_train_epochs") + 1] + ["4"] + flags[flags.index("--num_train_epochs") + 2:]
+                + ["--output_dir", str(out)])
+    assert json.loads((out / "all_results.json").read_text())["epoch"] == 4
+
+
 def test_resume_errors_name_the_value(tmp_path):
     import run_vit
 
