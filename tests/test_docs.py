@@ -75,22 +75,33 @@ def plain():
     return {"model": tiny_llama(), "train": [{"input_ids": i, "labels": i} for i in ids]}
 
 
+def serve_from_pretrained(path, auto_model_class, monkeypatch):
+    """`AutoTokenizer.from_pretrained(any name)` and `auto_model_class.from_pretrained(any name, ...)`
+    load the tiny model saved in `path` instead of reaching the Hub."""
+    tokenizer_from_pretrained = transformers.AutoTokenizer.from_pretrained
+    model_from_pretrained = auto_model_class.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda name, *args, **kwargs: tokenizer_from_pretrained(path))
+    monkeypatch.setattr(auto_model_class, "from_pretrained",
+                        lambda name, *args, **kwargs: model_from_pretrained(path, *args, **kwargs))
+
+
+def texts_and_labels(n=24):
+    """`n` four-word texts over the tiny RoBERTa's words, labelled 0 / 1 alternately."""
+    words = ROBERTA_WORDS[4:]
+    return {"text": [" ".join(words[(i + j) % len(words)] for j in range(4)) for i in range(n)],
+            "label": [i % 2 for i in range(n)]}
+
+
 def hub(tmp_path, monkeypatch):
     """The Hub's loading paths, answered offline: `from_pretrained` of a tokenizer and of a sequence
     classifier give a tiny RoBERTa (`ROBERTA_WORDS`), `load_dataset` a small text / label
     `DatasetDict`, so a snippet written for the Hub runs here unchanged."""
     import datasets
 
-    path = save_tiny_roberta(tmp_path / "tiny-roberta")
-    tokenizer_from_pretrained = transformers.AutoTokenizer.from_pretrained
-    model_from_pretrained = transformers.AutoModelForSequenceClassification.from_pretrained
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
-                        lambda name, *args, **kwargs: tokenizer_from_pretrained(path))
-    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
-                        lambda name, *args, **kwargs: model_from_pretrained(path, *args, **kwargs))
-    words = ROBERTA_WORDS[4:]
-    texts = [" ".join(words[(i + j) % len(words)] for j in range(4)) for i in range(24)]
-    split = {"text": texts, "label": [i % 2 for i in range(24)]}
+    serve_from_pretrained(save_tiny_roberta(tmp_path / "tiny-roberta"),
+                          transformers.AutoModelForSequenceClassification, monkeypatch)
+    split = texts_and_labels()
     monkeypatch.setattr(datasets, "load_dataset", lambda name, *args, **kwargs: datasets.DatasetDict(
         train=datasets.Dataset.from_dict(split), test=datasets.Dataset.from_dict(split)))
     return {}
@@ -105,12 +116,7 @@ def hub_lm(tmp_path, monkeypatch):
     path = tmp_path / "tiny-llama"
     tiny_llama().save_pretrained(path)
     tiny_lm_tokenizer().save_pretrained(path)
-    tokenizer_from_pretrained = transformers.AutoTokenizer.from_pretrained
-    model_from_pretrained = transformers.AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
-                        lambda name, *args, **kwargs: tokenizer_from_pretrained(path))
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda name, *args, **kwargs: model_from_pretrained(path, *args, **kwargs))
+    serve_from_pretrained(path, transformers.AutoModelForCausalLM, monkeypatch)
     for name, texts in (("train.jsonl", LM_TEXTS), ("dev.jsonl", LM_TEXTS[:4])):
         with open(tmp_path / name, "w") as f:
             for text in texts:
@@ -126,9 +132,7 @@ def classification(tmp_path):
 
     path = save_tiny_roberta(tmp_path / "tiny-roberta")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    words = ROBERTA_WORDS[4:]
-    texts = [" ".join(words[(i + j) % len(words)] for j in range(4)) for i in range(24)]
-    data = Dataset.from_dict({"text": texts, "label": [i % 2 for i in range(24)]})
+    data = Dataset.from_dict(texts_and_labels())
     data = data.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
 
     def make_model():
