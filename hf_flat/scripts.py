@@ -7,7 +7,7 @@ import os
 import sys
 from contextlib import contextmanager
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainerState, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .args import FLAT_SETTINGS
@@ -119,9 +119,8 @@ def checkpoint_to_resume(args):
 def _checkpoint_step(checkpoint) -> int | None:
     """The optimizer step a checkpoint folder was written at (its ``trainer_state.json``)."""
     try:
-        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
-            return json.load(f)["global_step"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json")).global_step
+    except (OSError, ValueError, TypeError):
         return None
 
 
