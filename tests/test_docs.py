@@ -228,3 +228,25 @@ def test_the_readme_is_a_short_landing_page_whose_links_exist():
     assert len(local) > 20
     for link in local:
         assert os.path.exists(os.path.join(ROOT, link)), link
+
+
+def test_pyproject_names_the_docs_source_classifiers_and_keywords():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert {"Documentation", "Source"} <= set(project["urls"])
+    assert project["classifiers"] and project["keywords"]
+    assert "docs" in project["optional-dependencies"]
+
+
+def test_each_command_has_its_module_and_none_imports_the_cli():
+    """The CLI reference maps one to one onto hf_flat/commands/, and the commands and the shared
+    loading module never import hf_flat.cli (no import cycle)."""
+    from hf_flat.commands import COMMANDS
+
+    code = ("import sys, hf_flat.loading, hf_flat.commands; "
+            "assert 'hf_flat.cli' not in sys.modules, sorted(m for m in sys.modules if m.startswith('hf_flat'))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    page = open(os.path.join(DOCS, "reference", "cli.md")).read()
+    assert sorted(COMMANDS) == sorted(re.findall(r"<!-- cli-help: (\w+) -->", page))
